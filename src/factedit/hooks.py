@@ -1,0 +1,113 @@
+"""Context managers over modules named by dotted path: capture, edit, stop (after ROME's nethook).
+
+    with Trace(model, ["model.layers.5.mlp.down_proj"], retain_input=True, stop=True) as trace:
+        model(**batch)                      # stops once every named module has run
+    keys = trace["model.layers.5.mlp.down_proj"].input      # (batch, seq, d_mlp)
+
+Hooks are removed when the block ends, also when it ends with an exception.
+"""
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from factedit.architectures import get_module
+
+EditFn = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a truncated forward pass; swallowed by the Trace that raised it."""
+
+
+@dataclass
+class Captured:
+    input: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+
+
+def hidden_of(output):
+    """The hidden-state tensor of a module output (decoder layers and attention return tuples)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output, hidden: torch.Tensor):
+    """`output` with its hidden-state tensor replaced."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class Trace(contextlib.AbstractContextManager):
+    """Hooks on `names`.
+
+    retain_input / retain_output: keep the module's first positional input / hidden output.
+    edit_output(name, hidden) -> hidden: replace a module's hidden output (before it is retained).
+    stop: raise StopForward once every named module has run, so the rest of the model is skipped.
+    detach: store detached tensors (set False to keep the autograd graph).
+    """
+
+    def __init__(self, model, names, *, retain_input=False, retain_output=True, edit_output: EditFn | None = None,
+                 stop=False, detach=True):
+        self.names = [names] if isinstance(names, str) else list(names)
+        self.captured = {name: Captured() for name in self.names}
+        self._fired: set[str] = set()
+        self._handles = []
+        self._edit, self._stop, self._detach = edit_output, stop, detach
+        self._retain_input, self._retain_output = retain_input, retain_output
+        try:
+            for name in self.names:
+                module = get_module(model, name)
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.close()
+            raise
+
+    def _keep(self, tensor):
+        return tensor.detach() if self._detach else tensor
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            if self._retain_input:
+                self.captured[name].input = self._keep(inputs[0])
+            if self._edit is not None:
+                output = with_hidden(output, self._edit(name, hidden_of(output)))
+            if self._retain_output:
+                self.captured[name].output = self._keep(hidden_of(output))
+            self._fired.add(name)
+            if self._stop and len(self._fired) == len(self.names):
+                raise StopForward()
+            return output
+
+        return hook
+
+    def __getitem__(self, name) -> Captured:
+        return self.captured[name]
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+def add_at_positions(hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """hidden with `delta` added at (rows[i], cols[i]); differentiable in delta, no in-place write.
+
+    hidden: (batch, seq, d); rows, cols: (n,); delta: (d,) or (n, d).
+    """
+    mask = torch.zeros(hidden.shape[:2] + (1,), dtype=hidden.dtype, device=hidden.device)
+    mask[rows, cols] = 1
+    if delta.dim() == 1:
+        return hidden + mask * delta
+    added = torch.zeros_like(hidden).index_put((rows, cols), delta.to(hidden.dtype))
+    return hidden + added
+
+
+def run_until(model, names, *, retain_input=True, **inputs) -> dict[str, Captured]:
+    """Run `model` only as far as the named modules and return what they saw (no grad)."""
+    with torch.no_grad(), Trace(model, names, retain_input=retain_input, stop=True) as trace:
+        model(**inputs)
+    return trace.captured
