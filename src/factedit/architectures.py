@@ -46,7 +46,7 @@ _GPTJ = Architecture(
 _NEOX = Architecture(
     embed="gpt_neox.embed_in", layers="gpt_neox.layers", layer="gpt_neox.layers.{}", mlp="gpt_neox.layers.{}.mlp",
     rewrite="gpt_neox.layers.{}.mlp.dense_4h_to_h", attn="gpt_neox.layers.{}.attention",
-    attn_out="gpt_neox.layers.{}.attention.dense", final_norm="gpt_neox.final_layer_norm", lm_head="embed_out",
+    attn_out="gpt_neox.layers.{}.attention.dense", final_norm="gpt_neox.final_layer_norm", lm_head="lm_head",
 )
 # Llama, Mistral, Qwen2 and Gemma 3 (text) share the module names of LlamaForCausalLM.
 _LLAMA = Architecture(

@@ -1,0 +1,172 @@
+"""v* = v₀ + δ: the value that makes the model say the new object (ROME eq. 4), as a LightningModule.
+
+The only trainable parameter is δ, added to the rewrite module's output at the subject's last
+token of every prompt. Loss = mean NLL of target_new over the context-templated prompts
++ kl_factor · KL(edited ‖ original) on "{subject} is a" + weight decay on ‖δ‖.
+"""
+import contextlib
+import logging
+import math
+
+import lightning
+import torch
+import torch.nn.functional as F
+
+from factedit.architectures import get_module, module_name
+from factedit.errors import FacteditError
+from factedit.hooks import Trace, add_at_positions
+from factedit.rome.frozen_prefix import frozen_prefix
+from factedit.tokens import fill_subject, subject_token_range
+
+log = logging.getLogger(__name__)
+KL_PROMPTS = ["{} is a"]
+
+
+def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Unembed final-norm outputs (…, d_model) -> (…, vocab), with Gemma-style soft-capping."""
+    logits = get_module(model, module_name(model, "lm_head"))(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def build_value_batch(tokenizer, prompt: str, subject: str, target_new: str, context_templates: list[str], device=None) -> dict:
+    """Tokens and positions for the value loss.
+
+    Rows 0..T-1: context_t + prompt + target tokens but the last (T = len(context_templates));
+    the last row(s): the KL prompt(s). Returns input_ids, attention_mask: (rows, seq);
+    subject_pos: (rows,) the subject's last token; target_ids: (n_target,);
+    target_pos: (T, n_target) positions whose logits predict each target token.
+    """
+    target_ids = tokenizer(" " + target_new, add_special_tokens=False)["input_ids"]
+    if not target_ids:
+        raise FacteditError(f"target_new {target_new!r} tokenizes to nothing; give a non-empty object")
+    templates = [c.format(prompt) if "{}" in c else c for c in context_templates] + [k for k in KL_PROMPTS]
+    rows, subject_pos, target_pos = [], [], []
+    for index, template in enumerate(templates):
+        text, start = fill_subject(template, subject)
+        prompt_ids = tokenizer(text)["input_ids"]
+        subject_pos.append(subject_token_range(tokenizer, text, subject, start)[1] - 1)
+        if index < len(context_templates):
+            target_pos.append([len(prompt_ids) - 1 + j for j in range(len(target_ids))])
+            prompt_ids = prompt_ids + target_ids[:-1]
+        rows.append(prompt_ids)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "subject_pos": torch.tensor(subject_pos, device=device),
+            "target_ids": torch.tensor(target_ids, device=device), "target_pos": torch.tensor(target_pos, device=device)}
+
+
+class ValueOptimizer(lightning.LightningModule):
+    """Optimizes δ (d_model,) for one fact; `target_value` = v₀ + δ after Trainer.fit.
+
+    fast=True runs layers below the edited one once (frozen prefix) and unembeds only the
+    positions the loss reads; fast=False is the straightforward full forward, for comparison.
+    """
+
+    def __init__(self, model, batch: dict, layer: int, *, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
+                 kl_factor=0.0625, loss_threshold=0.05, fast=True, **_unused):
+        super().__init__()
+        self.model, self.batch, self.layer = model, batch, layer
+        self.rewrite = module_name(model, "rewrite", layer)
+        self.final_norm = module_name(model, "final_norm")
+        self.lr, self.weight_decay, self.clamp, self.kl_factor = v_lr, v_weight_decay, clamp_norm_factor, kl_factor
+        self.loss_threshold, self.fast = loss_threshold, fast
+        self.n_prompts = batch["target_pos"].shape[0]
+        with torch.no_grad():
+            values = self._rewrite_outputs()
+            self.register_buffer("initial_value", values[0, batch["subject_pos"][0]].clone())  # v₀
+            kl_logits = self._kl_logits(self._final_hidden(torch.zeros_like(self.initial_value)))
+            self.register_buffer("initial_kl_log_probs", kl_logits.log_softmax(-1))
+        self.delta = torch.nn.Parameter(torch.zeros_like(self.initial_value))
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ forward pieces
+    def _model_inputs(self):
+        return {"input_ids": self.batch["input_ids"], "attention_mask": self.batch["attention_mask"]}
+
+    def _rewrite_outputs(self) -> torch.Tensor:
+        with Trace(self.model, self.rewrite, stop=True) as trace:
+            self.model(**self._model_inputs())
+        return trace[self.rewrite].output
+
+    def _final_hidden(self, delta: torch.Tensor) -> torch.Tensor:
+        """Final-norm output (rows, seq, d_model) with δ added at each row's subject position."""
+        rows = torch.arange(self.batch["input_ids"].shape[0], device=delta.device)
+        add_delta = lambda name, hidden: add_at_positions(hidden, rows, self.batch["subject_pos"], delta) if name == self.rewrite else hidden
+        with Trace(self.model, [self.rewrite, self.final_norm], edit_output=add_delta, stop=True, detach=False) as trace:
+            self.model(**self._model_inputs())
+        return trace[self.final_norm].output
+
+    def _kl_logits(self, hidden):
+        kl_rows = torch.arange(self.n_prompts, hidden.shape[0], device=hidden.device)
+        return logits_from_hidden(self.model, hidden[kl_rows, self.batch["subject_pos"][kl_rows]])
+
+    def losses(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self._final_hidden(delta)
+        target_ids, target_pos = self.batch["target_ids"], self.batch["target_pos"]
+        rows = torch.arange(self.n_prompts, device=hidden.device)[:, None]
+        if self.fast:
+            target_logits = logits_from_hidden(self.model, hidden[rows, target_pos])  # (T, n_target, vocab)
+        else:
+            target_logits = logits_from_hidden(self.model, hidden)[rows, target_pos]
+        target_log_probs = target_logits.log_softmax(-1).gather(-1, target_ids.expand(self.n_prompts, -1)[..., None])[..., 0]
+        nll = -target_log_probs.mean(dim=1).mean()
+        kl_log_probs = self._kl_logits(hidden).log_softmax(-1)
+        kl = F.kl_div(self.initial_kl_log_probs, kl_log_probs, log_target=True, reduction="batchmean")  # KL(edited ‖ original)
+        decay = self.weight_decay * delta.norm() / self.initial_value.norm() ** 2
+        return {"loss": nll + self.kl_factor * kl + decay, "nll": nll, "kl": kl, "weight_decay": decay,
+                "p_target": target_log_probs.mean(dim=1).exp().mean()}
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader([0] * 1_000_000, batch_size=1)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([self.delta], lr=self.lr)
+
+    def on_train_start(self):
+        self.model.eval()  # the Trainer put everything in train mode; the frozen model has dropout
+
+    def training_step(self, _batch, _index):
+        parts = self.losses(self.delta)
+        if not torch.isfinite(parts["loss"]):
+            raise FacteditError(f"the value optimization diverged (loss {parts['loss'].item()}): lower editor v_lr or model.rome.v_lr")
+        self.history.append({k: round(v.item(), 5) for k, v in parts.items()})
+        self.log_dict({k: v.detach() for k, v in parts.items()}, prog_bar=True, on_step=True)
+        if parts["loss"].item() < self.loss_threshold:
+            self.trainer.should_stop = True
+        return parts["loss"]
+
+    def on_train_batch_end(self, *_):
+        max_norm = self.clamp * self.initial_value.norm()
+        with torch.no_grad():
+            if self.delta.norm() > max_norm:
+                self.delta.mul_(max_norm / self.delta.norm())
+
+    @property
+    def target_value(self) -> torch.Tensor:
+        """v* = v₀ + δ, shape (d_model,)."""
+        return (self.initial_value + self.delta).detach()
+
+
+def compute_value(model, tokenizer, fact, layer: int, context_templates: list[str], hparams: dict,
+                  trainer_kwargs: dict | None = None) -> ValueOptimizer:
+    """Fit δ with a real Lightning Trainer; returns the fitted module (δ, v₀, loss history)."""
+    batch = build_value_batch(tokenizer, fact.prompt, fact.subject, fact.target_new, context_templates, model.device)
+    fast = hparams.get("fast", True)
+    prefix = frozen_prefix(model, layer, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}) \
+        if fast else contextlib.nullcontext()
+    with prefix:
+        module = ValueOptimizer(model, batch, layer, **{k: v for k, v in hparams.items() if k != "layer"})
+        trainer = lightning.Trainer(**{**_VALUE_TRAINER, **(trainer_kwargs or {}), "max_steps": int(hparams.get("v_num_grad_steps", 20))})
+        trainer.fit(module)
+    last = module.history[-1] if module.history else {}
+    log.info("v*: %d steps, loss %.4f, P(target) %.3f, |δ|/|v₀| %.2f", len(module.history), last.get("loss", math.nan),
+             last.get("p_target", math.nan), (module.delta.norm() / module.initial_value.norm()).item())
+    return module
+
+
+_VALUE_TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                      enable_progress_bar=False, num_sanity_val_steps=0)

@@ -1,0 +1,45 @@
+"""Token positions of a subject inside a prompt, found by character offsets (robust to BPE merges)."""
+import torch
+
+from factedit.errors import FacteditError
+
+
+def subject_token_range(tokenizer, text: str, subject: str, subject_start: int | None = None) -> tuple[int, int]:
+    """[start, end) token indices of `subject` in `text` (its last occurrence unless `subject_start`).
+
+    Tokens are those whose character span overlaps the subject's span, so a subject whose last
+    token merges with the following character (" Tower's") still ends at that token.
+    """
+    if subject_start is None:
+        subject_start = text.rfind(subject)
+    if not subject or subject_start < 0:
+        raise FacteditError(f"subject {subject!r} does not occur in {text!r}")
+    subject_end = subject_start + len(subject)
+    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offsets) if a < subject_end and b > subject_start and b > a]
+    if not inside:
+        raise FacteditError(f"subject {subject!r} has no tokens in {text!r} after tokenization")
+    return inside[0], inside[-1] + 1
+
+
+def fill_subject(template: str, subject: str) -> tuple[str, int]:
+    """template.format(subject) and the subject's character offset; template holds one `{}`."""
+    if template.count("{}") != 1:
+        raise FacteditError(f"prompt {template!r} must contain exactly one '{{}}' where the subject goes")
+    start = template.index("{}")
+    return template[:start] + subject + template[start + 2:], start
+
+
+def subject_last_positions(tokenizer, templates: list[str], subject: str) -> list[int]:
+    """Index of the subject's last token in each template.format(subject)."""
+    positions = []
+    for template in templates:
+        text, start = fill_subject(template, subject)
+        positions.append(subject_token_range(tokenizer, text, subject, start)[1] - 1)
+    return positions
+
+
+def batch_encode(tokenizer, texts: list[str], device=None) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids and attention_mask for `texts` (positions of real tokens are unchanged)."""
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    return {key: encoded[key].to(device) for key in ("input_ids", "attention_mask")}

@@ -1,0 +1,31 @@
+"""Shared fixtures: real models are loaded once per session (from the user cache after the first time)."""
+import logging
+
+import pytest
+import torch
+
+from factedit import load_model
+
+for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "transformers"):
+    logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return load_model("smollm2_135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return load_model("tiny_llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    return load_model("tiny_gpt2")
+
+
+@pytest.fixture
+def tiny_llama64():
+    """A fresh float64 tiny Llama (tests may edit it)."""
+    return load_model("tiny_llama", dtype=torch.float64)

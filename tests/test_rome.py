@@ -1,0 +1,154 @@
+"""ROME's algebra and machinery on tiny float64 models, checked against float64 references."""
+import pytest
+import torch
+
+from factedit import FacteditError, load_model, model_fingerprint
+from factedit.architectures import as_out_in, get_module, module_name, rewrite_weight
+from factedit.hooks import Trace
+from factedit.rome import Fact, apply_edits, edit, load_edits, revert_edits, save_edits
+from factedit.rome.compute_key import compute_key, subject_keys
+from factedit.rome.context import context_templates
+from factedit.rome.compute_value import ValueOptimizer, build_value_batch
+from factedit.rome.frozen_prefix import frozen_prefix
+from factedit.rome.update import delta_weight, rank_one_update
+
+FACT = Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Rome", target_true="Paris")
+TEMPLATES = ["{}", "The weather today. {}", "Because of this, we. {}"]
+HP = dict(layer=1, v_num_grad_steps=5, context_templates=[[3, 2]], seed=0)
+
+
+def random_second_moment(d, tokens=500, seed=0):
+    keys = torch.randn(tokens, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return keys.T @ keys / tokens
+
+
+def test_update_writes_the_pair_and_nothing_c_orthogonal():
+    g = torch.Generator().manual_seed(1)
+    weight, key, target = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((6, 10), (10,), (6,)))
+    second_moment = random_second_moment(10)
+    u, lam = rank_one_update(weight, second_moment, key, target)
+    edited = weight + delta_weight(u, lam)
+    assert torch.allclose(edited @ key, target, atol=1e-12)
+    other = torch.randn(10, generator=g, dtype=torch.float64)
+    orthogonal = other - (u @ other) / (u @ u) * u  # uᵀk = 0: k is C⁻¹-orthogonal to k̄
+    assert torch.allclose(edited @ orthogonal, weight @ orthogonal, atol=1e-12)
+    # The paper's form with an explicit inverse: ΔW = (v* − W k̄)(C⁻¹k̄)ᵀ / (k̄ᵀ C⁻¹ k̄).
+    inverse_key = torch.linalg.inv(second_moment) @ key
+    reference = torch.outer(target - weight @ key, inverse_key) / (key @ inverse_key)
+    assert torch.allclose(delta_weight(u, lam), reference, atol=1e-10)
+
+
+def test_update_rejects_mismatched_statistics():
+    with pytest.raises(FacteditError, match="stats file belongs to another module"):
+        rank_one_update(torch.zeros(6, 10), torch.eye(8), torch.ones(10), torch.ones(6))
+
+
+def test_compute_key_is_the_template_mean(tiny_llama64):
+    model, tokenizer = tiny_llama64
+    key = compute_key(model, tokenizer, FACT.prompt, FACT.subject, 1, TEMPLATES)
+    name = module_name(model, "rewrite", 1)
+    manual = []
+    for context in TEMPLATES:
+        text = context.format(FACT.prompt).format(FACT.subject)
+        with torch.no_grad(), Trace(model, name, retain_input=True) as trace:
+            model(**tokenizer(text, return_tensors="pt"))
+        last = len(tokenizer(context.format(FACT.prompt).split("{}")[0] + FACT.subject)["input_ids"]) - 1
+        manual.append(trace[name].input[0, last])
+    assert torch.allclose(key, torch.stack(manual).mean(0), atol=1e-12)
+
+
+def test_fast_value_loss_and_gradient_equal_the_full_forward(tiny_llama64):
+    model, tokenizer = tiny_llama64
+    batch = build_value_batch(tokenizer, FACT.prompt, FACT.subject, FACT.target_new, TEMPLATES)
+    delta = torch.randn(model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    results = []
+    for fast in (False, True):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        with frozen_prefix(model, 1, inputs) if fast else torch.enable_grad():
+            module = ValueOptimizer(model, batch, 1, fast=fast)
+            d = delta.clone().requires_grad_(True)
+            parts = module.losses(d)
+            parts["loss"].backward()
+        results.append((parts, d.grad))
+    (slow, slow_grad), (fast, fast_grad) = results
+    for key in ("loss", "nll", "kl", "weight_decay"):
+        assert torch.allclose(slow[key], fast[key], atol=1e-10), key
+    assert torch.allclose(slow_grad, fast_grad, atol=1e-10)
+    assert slow["kl"] > 0
+
+
+def _stats_for(model, layer=1):
+    d_mlp = as_out_in(model, rewrite_weight(model, layer)).shape[1]
+    return {layer: random_second_moment(d_mlp, seed=layer)}
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_edit_writes_target_value_in_either_weight_layout(name):
+    model, tokenizer = load_model(name, dtype=torch.float64)
+    (made,) = edit(model, tokenizer, FACT, stats=_stats_for(model), hparams=HP)
+    module = get_module(model, made.module)
+    with torch.no_grad():
+        bias = getattr(module, "bias", None)
+        edited_value = module(made.key[None])[0] - (0 if bias is None else bias)  # W' k̄ through the real module
+    assert torch.allclose(edited_value, made.target_value, atol=1e-9)
+    templates = context_templates(model, tokenizer, HP["context_templates"], seed=0)
+    assert torch.allclose(made.key, compute_key(model, tokenizer, FACT.prompt, FACT.subject, 1, templates), atol=1e-12)
+    assert made.info["steps"] >= 1 and 0 < made.info["p_target"] <= 1
+
+
+def test_two_edits_then_revert_restore_weights_bitwise(tiny_llama):
+    model, tokenizer = tiny_llama
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    second = Fact(subject="Colosseum", prompt="The {} is located in the city of", target_new="Athens")
+    edits = edit(model, tokenizer, [FACT, second], stats=_stats_for(model), hparams=HP)
+    assert len(edits) == 2 and not torch.equal(rewrite_weight(model, 1), before["model.layers.1.mlp.down_proj.weight"])
+    revert_edits(model, edits.backup)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # Re-applying the saved factors reproduces the sequentially edited weights exactly.
+    backup = apply_edits(model, list(edits))
+    again = rewrite_weight(model, 1).clone()
+    revert_edits(model, backup)
+    backup = apply_edits(model, list(edits))
+    assert torch.equal(rewrite_weight(model, 1), again)
+    revert_edits(model, backup)
+
+
+def test_saved_edits_round_trip_and_refuse_other_models(tiny_llama, tmp_path):
+    model, tokenizer = tiny_llama
+    edits = edit(model, tokenizer, FACT, stats=_stats_for(model), hparams=HP)
+    revert_edits(model, edits.backup)
+    path = tmp_path / "run" / "edits.safetensors"
+    save_edits(path, list(edits), base_fingerprint=model_fingerprint(model), model_name="tiny_llama")
+    assert path.stat().st_size < 20_000  # factors, not a model copy
+    loaded, metadata = load_edits(path.parent, base_fingerprint=model_fingerprint(model))
+    assert torch.equal(loaded[0].u, edits[0].u) and loaded[0].fact["subject"] == "Eiffel Tower"
+    with pytest.raises(FacteditError, match="was made for model tiny_llama"):
+        load_edits(path, base_fingerprint="0" * 16)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(FacteditError, match="not a readable safetensors file"):
+        load_edits(path)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(prompt="Where is the tower?"), "exactly one '{}'"),
+    (dict(target_new=" "), "target_new must be a non-empty string"),
+    (dict(target_new="Paris"), "target_new equals target_true"),
+])
+def test_bad_facts_are_one_line_errors(fields, message):
+    with pytest.raises(FacteditError, match=message):
+        Fact(**{**FACT.to_dict(), **fields})
+
+
+def test_subject_missing_after_tokenization_is_an_error(smollm2):
+    from factedit.tokens import subject_token_range
+
+    with pytest.raises(FacteditError, match="does not occur"):
+        subject_token_range(smollm2[1], "The Louvre is in Paris", "Eiffel Tower")
+    assert subject_token_range(smollm2[1], "The Eiffel Tower's top", "Eiffel Tower") == (1, 4)
+
+
+def test_target_the_model_already_gives_is_an_error(smollm2):
+    model, tokenizer = smollm2
+    with pytest.raises(FacteditError, match="already answers 'Paris'"):
+        edit(model, tokenizer, Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Paris"),
+             stats={5: torch.eye(1536)}, hparams={"layer": 5})
