@@ -6,12 +6,12 @@ from factedit.hooks import run_until
 from factedit.tokens import batch_encode, subject_last_positions
 
 
-def subject_keys(model, tokenizer, templates: list[str], subject: str, layer: int) -> torch.Tensor:
-    """Keys k at the subject's last token of each template.format(prompt-with-subject).
+def subject_keys(model, tokenizer, templates: list[str], subject: str, layer: int, role: str = "rewrite") -> torch.Tensor:
+    """Keys k (inputs of the `role` module) at the subject's last token of each template.format(subject).
 
     templates: texts with one `{}` for the subject. Returns keys: (len(templates), d_mlp).
     """
-    name = module_name(model, "rewrite", layer)
+    name = module_name(model, role, layer)
     positions = subject_last_positions(tokenizer, templates, subject)
     texts = [t.replace("{}", subject) for t in templates]
     captured = run_until(model, name, **batch_encode(tokenizer, texts, model.device))
@@ -19,7 +19,8 @@ def subject_keys(model, tokenizer, templates: list[str], subject: str, layer: in
     return captured[name].input[rows, torch.tensor(positions, device=model.device)]
 
 
-def compute_key(model, tokenizer, prompt: str, subject: str, layer: int, context_templates: list[str]) -> torch.Tensor:
+def compute_key(model, tokenizer, prompt: str, subject: str, layer: int, context_templates: list[str],
+                role: str = "rewrite") -> torch.Tensor:
     """k̄ = mean over context templates c of k(c + prompt), shape (d_mlp,), float64 (ROME eq. 3 input)."""
     templates = [context.format(prompt) if "{}" in context else context for context in context_templates]
-    return subject_keys(model, tokenizer, templates, subject, layer).double().mean(dim=0)
+    return subject_keys(model, tokenizer, templates, subject, layer, role).double().mean(dim=0)

@@ -65,11 +65,11 @@ class ValueOptimizer(lightning.LightningModule):
     positions the loss reads; fast=False is the straightforward full forward, for comparison.
     """
 
-    def __init__(self, model, batch: dict, layer: int, *, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
+    def __init__(self, model, batch: dict, layer: int, *, role="rewrite", v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
                  kl_factor=0.0625, loss_threshold=0.05, fast=True, **_unused):
         super().__init__()
         self.model, self.batch, self.layer = model, batch, layer
-        self.rewrite = module_name(model, "rewrite", layer)
+        self.rewrite = module_name(model, role, layer)  # the module whose output δ shifts
         self.final_norm = module_name(model, "final_norm")
         self.lr, self.weight_decay, self.clamp, self.kl_factor = v_lr, v_weight_decay, clamp_norm_factor, kl_factor
         self.loss_threshold, self.fast = loss_threshold, fast

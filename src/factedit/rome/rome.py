@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
-from factedit.architectures import as_out_in, check_layer, module_name, rewrite_weight
+from factedit.architectures import as_out_in, check_layer, get_module, module_name
 from factedit.errors import FacteditError
 from factedit.rome.compute_key import compute_key, subject_keys
 from factedit.rome.compute_value import build_value_batch, compute_value
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HPARAMS = dict(layer=5, v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
                        kl_factor=0.0625, loss_threshold=0.05, context_templates=[[5, 10], [10, 10]], update="fixed",
-                       fast=True, seed=0)
+                       fast=True, seed=0, role="rewrite")
 
 
 class Edits(list):
@@ -67,15 +67,16 @@ def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict
     timings, start = {}, time.perf_counter()
     templates = context_templates(model, tokenizer, hp["context_templates"], seed=int(hp["seed"]))
     timings["templates"], start = time.perf_counter() - start, time.perf_counter()
-    key = compute_key(model, tokenizer, fact.prompt, fact.subject, layer, templates)  # k̄
+    role = hp["role"]  # "rewrite" (the MLP down-projection) or "attn_out" (the attention output projection)
+    key = compute_key(model, tokenizer, fact.prompt, fact.subject, layer, templates, role)  # k̄
     timings["key"], start = time.perf_counter() - start, time.perf_counter()
     value = compute_value(model, tokenizer, fact, layer, templates, hp, trainer_kwargs)
     delta = value.delta.detach().double()
     timings["value"], start = time.perf_counter() - start, time.perf_counter()
-    weight = as_out_in(model, rewrite_weight(model, layer))
+    weight = as_out_in(model, get_module(model, module_name(model, role, layer)).weight)
     residual_key = key
     if hp["update"] == "original":  # the reference code: residual and denominator at the bare prompt's key
-        residual_key = subject_keys(model, tokenizer, [fact.prompt], fact.subject, layer)[0].double()
+        residual_key = subject_keys(model, tokenizer, [fact.prompt], fact.subject, layer, role)[0].double()
     elif hp["update"] != "fixed":
         raise FacteditError(f"editor.update must be 'fixed' or 'original', not {hp['update']!r}")
     target_value = weight.double() @ residual_key + delta  # v*: the value the key should now produce
@@ -86,7 +87,7 @@ def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict
             "delta_norm_ratio": float(delta.norm() / value.initial_value.double().norm()),
             "seconds": {k: round(v, 3) for k, v in timings.items()},
             "hparams": {k: (list(map(list, v)) if k == "context_templates" else v) for k, v in hp.items()}}
-    return Edit(layer, module_name(model, "rewrite", layer), u.cpu(), lam.cpu(), fact.to_dict(), info,
+    return Edit(layer, module_name(model, role, layer), u.cpu(), lam.cpu(), fact.to_dict(), info,
                 key=key.cpu(), target_value=(weight.double() @ key + lam * (u @ key)).cpu())
 
 
