@@ -64,7 +64,8 @@ def show_revert(cfg, model, tokenizer, prior) -> None:
 
 
 def run(cfg) -> Path | None:
-    model, tokenizer = load_model(cfg.model)
+    use_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    model, tokenizer = load_model(cfg.model, device="cuda" if use_gpu else "cpu")
     base_fingerprint = model_fingerprint(model)
     prior = []
     if cfg.resume:

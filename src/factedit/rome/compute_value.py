@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from factedit.architectures import get_module, module_name
+from factedit.cli import quiet_warnings
 from factedit.errors import FacteditError
 from factedit.hooks import Trace, add_at_positions
 from factedit.rome.frozen_prefix import frozen_prefix
@@ -66,13 +67,13 @@ class ValueOptimizer(lightning.LightningModule):
     """
 
     def __init__(self, model, batch: dict, layer: int, *, role="rewrite", v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
-                 kl_factor=0.0625, loss_threshold=0.05, fast=True, **_unused):
+                 kl_factor=0.0625, loss_threshold=0.05, fast=True, v_num_grad_steps=20, **_unused):
         super().__init__()
         self.model, self.batch, self.layer = model, batch, layer
         self.rewrite = module_name(model, role, layer)  # the module whose output δ shifts
         self.final_norm = module_name(model, "final_norm")
         self.lr, self.weight_decay, self.clamp, self.kl_factor = v_lr, v_weight_decay, clamp_norm_factor, kl_factor
-        self.loss_threshold, self.fast = loss_threshold, fast
+        self.loss_threshold, self.fast, self.steps = loss_threshold, fast, int(v_num_grad_steps)
         self.n_prompts = batch["target_pos"].shape[0]
         with torch.no_grad():
             values = self._rewrite_outputs()
@@ -121,7 +122,8 @@ class ValueOptimizer(lightning.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def train_dataloader(self):
-        return torch.utils.data.DataLoader([0] * 1_000_000, batch_size=1)
+        """One epoch of `steps` dummy batches: the data is the fixed prompt batch held by the module."""
+        return torch.utils.data.DataLoader([0] * self.steps, batch_size=1)
 
     def configure_optimizers(self):
         return torch.optim.Adam([self.delta], lr=self.lr)
@@ -159,8 +161,10 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
     prefix = frozen_prefix(model, layer, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}) \
         if fast else contextlib.nullcontext()
     with prefix:
+        quiet_warnings()
         module = ValueOptimizer(model, batch, layer, **{k: v for k, v in hparams.items() if k != "layer"})
-        trainer = lightning.Trainer(**{**_VALUE_TRAINER, **(trainer_kwargs or {}), "max_steps": int(hparams.get("v_num_grad_steps", 20))})
+        accelerator = "gpu" if model.device.type == "cuda" else "cpu"  # never move the model elsewhere
+        trainer = lightning.Trainer(**{**_VALUE_TRAINER, **(trainer_kwargs or {}), "accelerator": accelerator, "max_epochs": 1})
         trainer.fit(module)
     last = module.history[-1] if module.history else {}
     log.info("v*: %d steps, loss %.4f, P(target) %.3f, |δ|/|v₀| %.2f", len(module.history), last.get("loss", math.nan),
@@ -168,5 +172,5 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
     return module
 
 
-_VALUE_TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+_VALUE_TRAINER = dict(devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
                       enable_progress_bar=False, num_sanity_val_steps=0)
