@@ -32,13 +32,13 @@ def _second_moment(cfg, model, tokenizer, layer: int) -> torch.Tensor:
     from factedit.stats import compute_second_moment, load_second_moment
 
     try:
-        return load_second_moment(model, layer, source=cfg.stats.source, tokens=cfg.stats.tokens)
+        return load_second_moment(model, layer, source=cfg.stats.source, tokens=cfg.stats.tokens, stats_dir=cfg.stats.dir)
     except FacteditError:
         if not cfg.stats.auto:
             raise
     log.info("no key statistics yet: computing %d tokens first (stats.auto=true)", cfg.stats.auto_tokens)
-    compute_second_moment(model, tokenizer, [layer], max_tokens=int(cfg.stats.auto_tokens))
-    return load_second_moment(model, layer)
+    compute_second_moment(model, tokenizer, [layer], max_tokens=int(cfg.stats.auto_tokens), stats_dir=cfg.stats.dir)
+    return load_second_moment(model, layer, stats_dir=cfg.stats.dir)
 
 
 def _output_dir(cfg) -> Path:
@@ -79,10 +79,10 @@ def run(cfg) -> Path | None:
     out = _output_dir(cfg)
     facts = load_facts(cfg.facts) if cfg.facts else [fact_from_config(cfg.fact)]
     hparams = {**OmegaConf.to_container(cfg.editor), **OmegaConf.to_container(cfg.model.get("rome", {})), "seed": cfg.seed}
+    second_moment = _second_moment(cfg, model, tokenizer, int(hparams["layer"]))  # of the base weights, as ROME
     backup = apply_edits(model, prior)
     prompts, kinds = _probe_prompts(facts)
     before = probe(model, tokenizer, prompts, **cfg.probe)
-    second_moment = _second_moment(cfg, model, tokenizer, int(hparams["layer"]))
     start = time.perf_counter()
     new = edit(model, tokenizer, facts, stats={int(hparams["layer"]): second_moment}, hparams=hparams,
                trainer_kwargs={"enable_progress_bar": True})

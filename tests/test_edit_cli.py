@@ -1,0 +1,80 @@
+"""The real entry point, run as a user would: edit, resume (sequential), revert, and bad input."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from factedit import load_edits, load_model, model_fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_edit(*overrides, check=True):
+    result = subprocess.run([sys.executable, "src/edit.py", *overrides, "hydra.run.dir=${oc.env:TMPDIR,/tmp}/factedit-hydra"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    return result
+
+
+@pytest.fixture(scope="module")
+def edited_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edit")
+    common = ["model=tiny_llama", f"stats.dir={root / 'stats'}", "model.rome.v_num_grad_steps=3",
+              "editor.context_templates=[[3,2]]", "probe.max_new_tokens=3"]
+    first = run_edit(*common, "stats.auto=true", "stats.auto_tokens=4096", f"run={root / 'one'}")
+    second = run_edit(*common, f"resume={root / 'one'}", "fact=colosseum_athens", f"run={root / 'two'}")
+    return root, common, first, second
+
+
+def test_edit_saves_factors_probes_and_resumes_sequentially(edited_run):
+    root, _, first, second = edited_run
+    assert "| Eiffel Tower is located in the city of | edit |" in first.stdout
+    assert (root / "one" / "probes.json").is_file() and (root / "one" / "probes.md").is_file()
+    model, _ = load_model("tiny_llama")
+    one, metadata = load_edits(root / "one", base_fingerprint=model_fingerprint(model))
+    two, _ = load_edits(root / "two", base_fingerprint=model_fingerprint(model))
+    assert metadata["model"] == "tiny_llama" and len(one) == 1 and len(two) == 2
+    assert torch.equal(two[0].u, one[0].u)  # the resumed run keeps the saved edit first
+    assert two[1].fact["subject"] == "Colosseum"
+
+
+def test_revert_restores_original_predictions_exactly(edited_run):
+    root, common, _, _ = edited_run
+    result = run_edit(*common, f"resume={root / 'two'}", "revert=true")
+    assert "original logits restored exactly" in result.stdout
+
+
+def test_saved_work_is_never_overwritten(edited_run):
+    root, common, _, _ = edited_run
+    before = (root / "one" / "edits.safetensors").read_bytes()
+    result = run_edit(*common, f"run={root / 'one'}", check=False)
+    assert result.returncode == 2 and "already holds edits" in result.stderr
+    assert (root / "one" / "edits.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["fact.prompt=Where is it?"], "exactly one '{}'"),
+    (["fact.target_new=Paris"], "target_new equals target_true"),
+    (["model.rome.layer=40"], "layer 40 is out of range"),
+])
+def test_bad_input_is_one_line(tmp_path, overrides, message):
+    result = run_edit("model=tiny_llama", f"stats.dir={tmp_path}", f"run={tmp_path / 'x'}", *overrides, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_model_lists_the_registry(tmp_path):
+    result = run_edit("model=smollm3", f"run={tmp_path / 'x'}", check=False)
+    assert result.returncode != 0 and "Could not find 'model/smollm3'" in result.stderr
+    assert "smollm2_135m" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_statistics_names_the_command(tmp_path):
+    result = run_edit("model=tiny_llama", f"stats.dir={tmp_path}", f"run={tmp_path / 'x'}", check=False)
+    assert result.returncode == 2 and "python src/precompute_stats.py model=tiny_llama layers=[1]" in result.stderr
