@@ -1,0 +1,144 @@
+"""Run outputs: summary.json, a markdown table (overall and per relation) and a bar chart; `compare=[...]`.
+
+Numbers are reported ×100 as in ROME's summarize: scores and magnitudes in percent, GE as
+100 × entropy in bits, RS as 100 × cosine.
+"""
+import json
+import math
+from pathlib import Path
+
+from factedit.errors import FacteditError
+from factedit.evaluation.metrics import GENERATION_KEYS, SCORE_KEYS, SHORT
+from factedit.io import write_json
+
+TABLE_KEYS = ("score", "efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_magnitude",
+              "paraphrase_magnitude", "neighborhood_magnitude", "generation_entropy", "reference_score")
+CHART_KEYS = ("score", "efficacy_score", "paraphrase_score", "neighborhood_score")
+
+
+def percent(stage: dict) -> dict:
+    """Metric values ×100 (None stays None)."""
+    return {key: None if value is None else 100 * value for key, value in stage.items()}
+
+
+def build_summary(computed: dict, *, info: dict, skipped: list, failed_ids: list) -> dict:
+    """summary.json: run info, counts, and the metrics ×100 (pre = unedited model, post = after each edit)."""
+    by_relation = {relation: {"records": row["records"], "pre": percent(row["pre"]), "post": percent(row["post"])}
+                   for relation, row in computed["by_relation"].items()}
+    return {**info, "scale": "x100 (percent; GE = 100 x bits, RS = 100 x cosine)",
+            "records": computed["records"], "failed": computed["failed"], "failed_case_ids": failed_ids,
+            "skipped": len(skipped), "skipped_records": [vars(s) for s in skipped],
+            "pre": percent(computed["pre"]), "post": percent(computed["post"]), "by_relation": by_relation}
+
+
+def _cell(value) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+
+
+def table_rows(summaries: list[dict], with_unedited: bool = True) -> list[tuple[str, int, dict]]:
+    """(label, records, metrics) rows: the unedited model (from the first run with pre-edit numbers), then each run."""
+    rows = []
+    if with_unedited:
+        for summary in summaries:
+            if summary["pre"].get("efficacy_score") is not None:
+                unedited = dict(summary["pre"])
+                none_run = next((s for s in summaries if s.get("editor") == "none"), None)
+                if none_run is not None:  # generation numbers of the unedited model come from an editor=none run
+                    unedited.update({k: none_run["post"].get(k) for k in GENERATION_KEYS})
+                rows.append(("unedited", summary["records"], unedited))
+                break
+    for summary in summaries:
+        rows.append((summary.get("label") or summary.get("editor", "?"), summary["records"], summary["post"]))
+    return rows
+
+
+def markdown_table(rows: list[tuple[str, int, dict]]) -> str:
+    header = "| editor | records | " + " | ".join(SHORT[k] for k in TABLE_KEYS) + " |"
+    lines = [header, "|---|---:|" + "---:|" * len(TABLE_KEYS)]
+    for label, records, metrics in rows:
+        lines.append(f"| {label} | {records} | " + " | ".join(_cell(metrics.get(k)) for k in TABLE_KEYS) + " |")
+    return "\n".join(lines)
+
+
+def relation_table(summary: dict) -> str:
+    """Per relation: records, then Score / ES / PS / NS before → after."""
+    keys = ("score",) + tuple(k for k in SCORE_KEYS if k.endswith("_score"))
+    lines = ["| relation | records | " + " | ".join(f"{SHORT[k]} pre → post" for k in keys) + " |",
+             "|---|---:|" + "---:|" * len(keys)]
+    for relation, row in sorted(summary["by_relation"].items()):
+        cells = [f"{_cell(row['pre'].get(k))} → {_cell(row['post'].get(k))}" for k in keys]
+        lines.append(f"| {relation} | {row['records']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_markdown(summary: dict) -> str:
+    title = f"# CounterFact evaluation: {summary.get('editor')} on {summary.get('model')}"
+    counts = (f"{summary['records']} records evaluated, {summary['failed']} failed to edit, "
+              f"{summary['skipped']} malformed and skipped ({summary.get('data')}).")
+    return "\n\n".join([title, counts, markdown_table(table_rows([summary])), "## Per relation", relation_table(summary)]) + "\n"
+
+
+def bar_chart(rows: list[tuple[str, int, dict]], path: Path, title: str = "CounterFact") -> None:
+    """Grouped bars: one group per metric (Score, ES, PS, NS), one bar per row (editor)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(CHART_KEYS), 3.6))
+    width = 0.8 / max(len(rows), 1)
+    for index, (label, _, metrics) in enumerate(rows):
+        values = [metrics.get(k) or 0.0 for k in CHART_KEYS]
+        positions = [g + (index - (len(rows) - 1) / 2) * width for g in range(len(CHART_KEYS))]
+        bars = ax.bar(positions, values, width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(CHART_KEYS)), [SHORT[k] for k in CHART_KEYS])
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("% (higher is better)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncols=min(len(rows), 6), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_run_report(out_dir: Path, summary: dict) -> str:
+    """summary.json, summary.md and summary.png in out_dir; returns the markdown."""
+    write_json(out_dir / "summary.json", summary)
+    text = run_markdown(summary)
+    (out_dir / "summary.md").write_text(text)
+    bar_chart(table_rows([summary]), out_dir / "summary.png", f"{summary.get('editor')} on {summary.get('model')} "
+                                                               f"({summary['records']} records)")
+    return text
+
+
+# ---------------------------------------------------------------- compare=[runA, runB]
+
+def load_summary(run, root: Path) -> dict:
+    """summary.json of a run given by name (under root), folder or file."""
+    candidates = [Path(str(run)), Path(str(run)) / "summary.json", root / str(run) / "summary.json"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FacteditError(f"no summary.json for run {run!r} (looked in {root / str(run)}): finish that run first")
+    summary = json.loads(path.read_text())
+    summary["label"] = summary.get("label") or summary.get("editor")
+    return summary
+
+
+def compare(runs, root: Path, chart: Path | None = None) -> str:
+    """The side-by-side markdown table of finished runs (and a bar chart when `chart` is given)."""
+    summaries = [load_summary(run, root) for run in runs]
+    labels = [s["label"] for s in summaries]
+    for summary in summaries:  # the same editor twice (e.g. two models): tell the rows apart by run folder
+        if labels.count(summary["label"]) > 1:
+            summary["label"] = f"{summary['label']} ({summary.get('run')})"
+    rows = table_rows(summaries)
+    models = sorted({str(s.get("model")) for s in summaries})
+    if chart is not None:
+        bar_chart(rows, chart, f"CounterFact, {', '.join(models)}")
+    note = "Records per run: " + ", ".join(f"{s['label']} {s['records']}" for s in summaries) + "."
+    files = sorted({Path(str(s.get("data"))).name for s in summaries})
+    if len(files) > 1:
+        note += f" Careful: the runs measured different data files ({', '.join(files)}); the unedited row is the first run's."
+    return markdown_table(rows) + "\n\n" + note
