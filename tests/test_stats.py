@@ -33,7 +33,7 @@ def tiny():
     return load_model("tiny_llama")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The tiny model's ops are too small to share between threads; on a busy 2-core machine 2 threads are 20x slower."""
     threads = torch.get_num_threads()
@@ -125,6 +125,21 @@ def test_layers_interrupted_at_different_rows_resume_together(tiny, tmp_path):
         assert not partial_path(resumed[layer]).exists()
 
 
+def test_partial_file_of_other_settings_is_refused_and_kept(tiny, tmp_path):
+    model, tokenizer = tiny
+    with pytest.raises(RuntimeError, match="crash"):
+        compute_second_moment(model, tokenizer, [1], trainer_kwargs={**TRAINER, "callbacks": [Interrupt(3)]},
+                              stats_dir=tmp_path, save_every=2, **DATA)
+    partial = partial_path(stats_path(tmp_path, "tiny_llama", "model.layers.1.mlp.down_proj", "wiki_offline", 3072))
+    saved = partial.read_bytes()
+    with pytest.raises(FacteditError, match=r"accumulated with seed=0, this run has seed=1.*delete it to start over"):
+        compute_second_moment(model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=tmp_path, **{**DATA, "seed": 1})
+    assert partial.read_bytes() == saved
+    partial.write_bytes(saved[:500])  # half-written (a crash in the middle of a non-atomic copy)
+    with pytest.raises(FacteditError, match="not a readable safetensors file"):
+        compute_second_moment(model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=tmp_path, **DATA)
+
+
 def test_existing_file_is_kept_and_the_largest_is_loaded(tiny, tmp_path):
     model, tokenizer = tiny
     small = compute_second_moment(model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=tmp_path,
@@ -156,7 +171,7 @@ def test_load_refuses_missing_foreign_and_broken_files(tiny, tmp_path):
     saved = weight.detach().clone()
     try:
         weight.data.mul_(2)  # other weights, same name: the fingerprint tells
-        with pytest.raises(FacteditError, match=r"other weights.*force=true"):
+        with pytest.raises(FacteditError, match=r"other weights.*model=tiny_llama layers=\[1\] data.max_tokens=3072 force=true`$"):
             load_second_moment(model, 1, stats_dir=tmp_path)
         with pytest.raises(FacteditError, match="other weights"):  # and precompute does not silently keep it
             compute_second_moment(model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=tmp_path, **DATA)
@@ -195,6 +210,7 @@ def uninterrupted(tiny, tmp_path_factory):
     return read_safetensors(path)[0]
 
 
+@pytest.mark.slow  # a fresh interpreter per run: ~5 s of imports idle, ~18 s on a busy 2-core machine
 def test_kill_9_then_rerun_continues_to_the_same_result(uninterrupted, tmp_path):
     final = stats_path(tmp_path, "tiny_llama", "model.layers.1.mlp.down_proj", "wiki_offline", RESUME_TOKENS)
     process = run_script(tmp_path)
@@ -219,6 +235,7 @@ def test_kill_9_then_rerun_continues_to_the_same_result(uninterrupted, tmp_path)
     assert not partial_path(final).exists()
 
 
+@pytest.mark.slow  # a fresh interpreter per run: ~5 s of imports idle, ~18 s on a busy 2-core machine
 def test_ddp_on_two_cpu_processes_gives_the_same_result(uninterrupted, tmp_path):
     process = run_script(tmp_path, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
     output, _ = process.communicate(timeout=150)

@@ -107,7 +107,8 @@ def read_partial(path: Path, metadata: dict) -> tuple[torch.Tensor, torch.Tensor
 def read_result(path: Path, model, layer: int, fingerprint: str | None = None) -> tuple[torch.Tensor, dict]:
     """C (float32, CPU) and metadata of a finished file, after checking it belongs to `model` at `layer`."""
     name, module = model_name(model), module_name(model, "rewrite", layer)
-    redo = f"run `{fix_command(name, layer, None, None, force=True)}`"
+    match = _RESULT_NAME.match(path.name)
+    redo = f"run `{fix_command(name, layer, match and match['source'], match and int(match['tokens']), force=True)}`"
     tensors, metadata = read_safetensors(path)
     second_moment, count = tensors.get("second_moment"), tensors.get("count")
     if second_moment is None or count is None:
@@ -121,7 +122,6 @@ def read_result(path: Path, model, layer: int, fingerprint: str | None = None) -
     d_mlp = key_dim(model, layer)
     if tuple(second_moment.shape) != (d_mlp, d_mlp):
         raise FacteditError(f"{path} holds a {tuple(second_moment.shape)} matrix, layer {layer} needs ({d_mlp}, {d_mlp}): {redo}")
-    match = _RESULT_NAME.match(path.name)
     tokens = int(count)
     if tokens <= 0 or metadata.get("tokens") != str(tokens) or (match and int(match["tokens"]) != tokens):
         raise FacteditError(f"{path} has an inconsistent token count (count {tokens}, metadata {metadata.get('tokens')}): "
