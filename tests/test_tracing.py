@@ -219,8 +219,9 @@ def test_smollm2_traces_the_eiffel_tower_and_full_restoration_is_clean(smollm2):
 # ---------------------------------------------------------------- the entry point
 
 def test_cli_writes_heatmaps_and_json(tmp_path):
-    command = [sys.executable, str(REPO_ROOT / "src" / "trace.py"), "model=tiny_llama", "fact=eiffel_rome", "force=true",
-               "samples=2", "window=2", "threads=1", f"out_dir={tmp_path}/out", f"hydra.run.dir={tmp_path}/hydra"]
+    command = [sys.executable, str(REPO_ROOT / "src" / "trace.py"), "model=tiny_llama", "fact=eiffel_rome",
+               "force=true", "samples=2", "window=2", "threads=1", f"out_dir={tmp_path}/out",
+               f"hydra.run.dir={tmp_path}/hydra"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "trace.json").read_text())
@@ -240,7 +241,8 @@ def _config(*overrides):
 
 def test_config_unknown_fact_stops_suggesting_force_and_bad_input_is_an_error():
     with pytest.raises(FacteditError, match="does not know this fact.*force=true"):
-        run(_config("fact.subject='Mount Fuji'", "fact.prompt='{} is located in'", "fact.target_true=Japan", "window=2"))
+        run(_config("fact.subject='Mount Fuji'", "fact.prompt='{} is located in'", "fact.target_true=Japan",
+                    "window=2"))
     with pytest.raises(FacteditError, match="window=40 does not fit"):
         run(_config("window=40", "force=true"))
     with pytest.raises(FacteditError, match="fact.subject is not set"):

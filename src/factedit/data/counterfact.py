@@ -133,7 +133,7 @@ def _texts(item: dict, key: str, required: bool = True) -> list[str]:
 def _object(rewrite: dict, key: str) -> str:
     value = rewrite.get(key)
     if isinstance(value, dict):
-        return _text(value, "str", f"requested_rewrite.{key}.")
+        return _text(value, "str", f"requested_rewrite.{key}.").strip()
     if value is None:
         raise _Invalid(f"missing field requested_rewrite.{key}")
     raise _Invalid(f"requested_rewrite.{key} must be {{'str': ...}}, not {type(value).__name__}")
@@ -160,13 +160,13 @@ def _from_easyedit(item: dict, case_id: int) -> Record:
     if start < 0:
         raise _Invalid(f"subject {subject!r} is absent from prompt {text!r}")
     prompt = text[:start] + "{}" + text[start + len(subject):]
-    target_true = _text(item, "ground_truth")
-    locality = _text(item, "locality_ground_truth") if "locality_ground_truth" in item else target_true
-    return Record(case_id, subject, prompt, _text(item, "target_new"), target_true, NO_RELATION,
+    target_true = _text(item, "ground_truth").strip()
+    locality = _text(item, "locality_ground_truth").strip() if "locality_ground_truth" in item else target_true
+    return Record(case_id, subject, prompt, _text(item, "target_new").strip(), target_true, NO_RELATION,
                   [_text(item, "rephrase_prompt")], [_text(item, "locality_prompt")], neighborhood_target=locality)
 
 
-def parse_record(item, index: int) -> Record:
+def parse_record(item) -> Record:
     """A validated Record from one raw item of either format; raises _Invalid with the reason."""
     if not isinstance(item, dict):
         raise _Invalid(f"a record must be a JSON object, not {type(item).__name__}")
@@ -198,7 +198,7 @@ def load_records(path, limit: int | None = None) -> tuple[list[Record], list[Ski
     for index, item in enumerate(items):
         label = item.get("case_id") if isinstance(item, dict) and item.get("case_id") is not None else f"#{index}"
         try:
-            record = parse_record(item, index)
+            record = parse_record(item)
             if record.case_id in seen:
                 raise _Invalid(f"case_id {record.case_id} repeats an earlier record")
         except _Invalid as reason:

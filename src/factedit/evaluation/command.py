@@ -21,17 +21,26 @@ log = logging.getLogger("factedit.evaluate")
 LOG_ROOT = REPO_ROOT / "logs" / "evaluate"
 
 
-def output_dir(cfg, editor_name: str) -> Path:
+def editor_name(cfg, editor) -> str:
+    """The editor's name; saved edits are named after their checkpoint folder."""
+    if cfg.edits:
+        path = Path(editor.path)
+        return f"saved-{path.parent.name if path.is_file() else path.name}"
+    return editor.name
+
+
+def output_dir(cfg, name: str) -> Path:
     """out_dir, or logs/evaluate/<run> with run = <editor>-<model>-<data file>[-nogen] by default."""
     if cfg.out_dir:
         return Path(cfg.out_dir)
-    run = cfg.run or f"{editor_name}-{cfg.model.name}-{Path(str(cfg.data.path or DEV_FILE)).stem}" + ("" if cfg.gen else "-nogen")
+    run = cfg.run or f"{name}-{cfg.model.name}-{Path(str(cfg.data.path or DEV_FILE)).stem}" + ("" if cfg.gen else "-nogen")
     return LOG_ROOT / str(run)
 
 
-def run_settings(cfg, model, editor_name: str) -> dict:
-    """What must not change when a run is resumed."""
-    return {"model": str(cfg.model.name), "fingerprint": model_fingerprint(model), "editor": editor_name,
+def run_settings(cfg, model, editor) -> dict:
+    """What must not change when a run is resumed (stats: a digest of the editor's C, when it has one)."""
+    return {"model": str(cfg.model.name), "fingerprint": model_fingerprint(model), "editor": editor_name(cfg, editor),
+            "stats": getattr(editor, "stats_digest", None),
             "editor_config": OmegaConf.to_container(cfg.editor, resolve=True),
             "model_rome": OmegaConf.to_container(cfg.model.get("rome", {}), resolve=True),
             "data": str(cfg.data.path or DEV_FILE), "gen": OmegaConf.to_container(cfg.gen, resolve=True) if cfg.gen else False,
@@ -43,7 +52,7 @@ def check_settings(out_dir: Path, settings: dict) -> None:
     path = out_dir / "settings.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        changed = sorted(k for k in settings if saved.get(k) != settings[k])
+        changed = sorted(k for k in settings if k in saved and saved[k] != settings[k])
         if changed:
             raise FacteditError(f"{out_dir} holds a run with other settings ({', '.join(changed)} differ): "
                                 f"choose another run=NAME or out_dir=, or delete {out_dir} to start over")
@@ -99,15 +108,14 @@ def run(cfg) -> Path | None:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if cfg.edits:
         editor, records = saved_editor(cfg, model, records, skipped)
-        editor_name = f"saved-{Path(editor.path).stem if Path(editor.path).is_file() else Path(editor.path).name}"
     else:
         editor = make_editor(cfg, model, tokenizer)
-        editor_name = editor.name
     if not records:
         raise FacteditError(f"no valid records to evaluate in {cfg.data.path or DEV_FILE} ({len(skipped)} skipped)")
-    out_dir = output_dir(cfg, editor_name)
+    name = editor_name(cfg, editor)
+    out_dir = output_dir(cfg, name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(out_dir, run_settings(cfg, model, editor_name))
+    check_settings(out_dir, run_settings(cfg, model, editor))
     wanted = {r.case_id for r in records}
     drop_incomplete_line(out_dir / "records.jsonl")
     prior = {r["case_id"]: r for r in read_lines(out_dir / "records.jsonl") if r.get("case_id") in wanted}
@@ -131,7 +139,7 @@ def run(cfg) -> Path | None:
     results = {r["case_id"]: r for r in read_lines(out_dir / "records.jsonl") if r.get("case_id") in wanted}
     failed = sorted(case for case, r in results.items() if r.get("error"))
     new = len(datamodule.records)
-    info = {"run": out_dir.name, "editor": editor_name, "label": cfg.label or editor_name, "model": str(cfg.model.name), "data": str(cfg.data.path or DEV_FILE),
+    info = {"run": out_dir.name, "editor": name, "label": cfg.label or name, "model": str(cfg.model.name), "data": str(cfg.data.path or DEV_FILE),
             "limit": cfg.data.limit, "devices": devices, "gen": gen, "seconds_this_run": round(seconds, 1),
             "records_this_run": new, "records_per_second": round(new / seconds, 4) if new else None}
     print(write_run_report(out_dir, build_summary(evaluator.summary, info=info, skipped=skipped, failed_ids=failed)))

@@ -10,6 +10,7 @@ An editor changes the weights in place for one CounterFact record and returns th
     ft, ft_l   fine-tuning of the down-projection, unconstrained or clamped to ±ε
     saved      the edits of a checkpoint (`edits=checkpoints/<run>`), applied as saved
 """
+import hashlib
 import logging
 
 import torch
@@ -44,6 +45,7 @@ class RankOneEdit:
     def __init__(self, name: str, hparams: dict, second_moment: torch.Tensor):
         self.name, self.hparams, self.second_moment = name, hparams, second_moment
         self.layer = int(hparams["layer"])
+        self.stats_digest = hashlib.sha256(second_moment.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
     def __call__(self, model, tokenizer, record) -> WeightBackup:
         edits = edit(model, tokenizer, record.to_fact(), stats={self.layer: self.second_moment}, hparams=self.hparams,

@@ -47,8 +47,8 @@ def bucket_effects(result: dict) -> dict[str, np.ndarray]:
     for kind, scores in result["scores"].items():
         indirect = np.array(scores) - result["corrupted_prob"]  # (T, L)
         buckets = bucket_tokens(result["subject_range"], indirect.shape[0])
-        effects[kind] = np.stack([indirect[buckets[b]].mean(axis=0) if buckets[b] else np.full(indirect.shape[1], np.nan)
-                                  for b in BUCKETS])
+        empty = np.full(indirect.shape[1], np.nan)
+        effects[kind] = np.stack([indirect[buckets[b]].mean(axis=0) if buckets[b] else empty for b in BUCKETS])
     return effects
 
 
@@ -97,9 +97,9 @@ def read_counterfact(path) -> list[dict]:
         raise FacteditError(f"CounterFact file {path} not found: set data.path=...")
     try:
         records = json.loads(path.read_text())
-        return [{"case_id": r.get("case_id", i), "subject": r["requested_rewrite"]["subject"],
-                 "prompt": r["requested_rewrite"]["prompt"], "target_true": r["requested_rewrite"]["target_true"]["str"]}
-                for i, r in enumerate(records)]
+        rewrites = [(r.get("case_id", i), r["requested_rewrite"]) for i, r in enumerate(records)]
+        return [{"case_id": case_id, "subject": rewrite["subject"], "prompt": rewrite["prompt"],
+                 "target_true": rewrite["target_true"]["str"]} for case_id, rewrite in rewrites]
     except (ValueError, KeyError, TypeError) as error:
         raise FacteditError(f"{path} is not a CounterFact file in ROME's format ({error!r})") from None
 
@@ -148,7 +148,8 @@ class CausalTraceModule(lightning.LightningModule):
         return result
 
 
-def trace_facts(model, tokenizer, facts: list[dict], settings: dict, out_dir, tag: dict, trainer_cfg) -> list[dict] | None:
+def trace_facts(model, tokenizer, facts: list[dict], settings: dict, out_dir, tag: dict,
+                trainer_cfg: dict) -> list[dict] | None:
     """Trace `facts` with lightning.Trainer(**trainer_cfg).predict; on rank 0, return every fact's result."""
     fact_dir = Path(out_dir) / "facts"
     module = CausalTraceModule(model, tokenizer, settings, fact_dir, tag)

@@ -182,7 +182,8 @@ class LayerCalls:
         allowed = torch.ones(self.n_tokens - first, self.n_tokens, dtype=torch.bool, device=device).tril(first)
         if self.mask_kind == "bool":
             return allowed[None, None]
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 def _bind_layer_call(module, args, kwargs) -> dict:
@@ -367,7 +368,8 @@ def _restore_rows(model, clean: CleanRun, corrupted: CorruptedRun, kind: str, ro
         begin, end = starts.index(start), len(starts) - starts[::-1].index(start)
         hidden = corrupted.residual[start][samples[begin:end]][:, first:]  # (rows, T - first, d), a copy
         if kind == "hidden" and shortcuts:  # the restored layer output (start - 1) is this input
-            hidden[torch.arange(end - begin), columns[begin:end]] = states[start - 1][tokens[begin:end]].to(hidden.dtype)
+            restored = states[start - 1][tokens[begin:end]].to(hidden.dtype)
+            hidden[torch.arange(end - begin), columns[begin:end]] = restored
         joins[start] = hidden
     patches = {}  # module name -> (rows, columns, clean values) restored in its output
     for layer in range(starts[0], num_layers(model)):

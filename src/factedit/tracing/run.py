@@ -44,7 +44,8 @@ def noise_basis(model, tokenizer, cfg, subjects: list[str] | None) -> dict:
         raise FacteditError(f"noise_std_from={cfg.noise_std_from!r}: use subjects or vocab")
     embed = get_module(model, module_name(model, "embed"))
     if cfg.noise_std_from == "subjects" and not subjects:
-        log.warning("no CounterFact file at %s: measuring the embedding std over the whole vocabulary", _counterfact_path(cfg))
+        log.warning("no CounterFact file at %s: measuring the embedding std over the whole vocabulary",
+                    _counterfact_path(cfg))
     texts = subjects if cfg.noise_std_from == "subjects" and subjects else None
     if texts:
         ids = sorted({i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]})
@@ -145,8 +146,8 @@ def trace_aggregate(cfg: DictConfig) -> dict | None:
     write_json(out_dir / "aggregate.json", summary)
     plot_effect_lines(summary, out_dir / "aie_lines")
     plot_effect_heatmaps(summary, out_dir / "aie_heatmaps")
-    log.info("%d facts: P(true) clean %.3f, corrupted %.3f, total effect %.3f", summary["n_facts"], summary["clean_prob"],
-             summary["corrupted_prob"], summary["total_effect"])
+    log.info("%d facts: P(true) clean %.3f, corrupted %.3f, total effect %.3f", summary["n_facts"],
+             summary["clean_prob"], summary["corrupted_prob"], summary["total_effect"])
     for name, value in summary["peaks"].items():
         log.info("  peak AIE of %-28s layer %2d  (%.3f)", name + ":", value["layer"], value["aie"])
     log.info("wrote %s", out_dir)
