@@ -1,4 +1,6 @@
 """ROME's algebra and machinery on tiny float64 models, checked against float64 references."""
+import contextlib
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from factedit.rome import Fact, apply_edits, edit, load_edits, revert_edits, sav
 from factedit.rome.compute_key import compute_key, subject_keys
 from factedit.rome.context import context_templates
 from factedit.rome.compute_value import ValueOptimizer, build_value_batch
-from factedit.rome.frozen_prefix import frozen_prefix
+from factedit.rome.frozen_prefix import can_freeze, frozen_context
 from factedit.rome.update import delta_weight, rank_one_update
 
 FACT = Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Rome", target_true="Paris")
@@ -57,24 +59,54 @@ def test_compute_key_is_the_template_mean(tiny_llama64):
     assert torch.allclose(key, torch.stack(manual).mean(0), atol=1e-12)
 
 
-def test_fast_value_loss_and_gradient_equal_the_full_forward(tiny_llama64):
-    model, tokenizer = tiny_llama64
+FAMILIES = {  # tiny random models of every family in the architecture table
+    "gpt2": dict(n_embd=32, n_layer=3, n_head=4, n_inner=80),
+    "gptj": dict(n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_inner=80),
+    "gpt_neox": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=80),
+    "llama": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80),
+    "gemma3_text": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=80, head_dim=8, sliding_window=64, layer_types=["sliding_attention"] * 2 + ["full_attention"]),
+}
+
+
+def _family_model(model_type, attn, tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **FAMILIES[model_type])
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).to(torch.float64).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fast_value_loss_and_gradient_equal_the_full_forward(tiny_llama, model_type, attn):
+    """The frozen context (layers below L and positions before the subject computed once) changes
+    nothing: loss and dloss/dδ equal the straightforward full forward in float64, at layers 0 and 1."""
+    model = _family_model(model_type, attn, tiny_llama[1])
+    tokenizer = tiny_llama[1]
     batch = build_value_batch(tokenizer, FACT.prompt, FACT.subject, FACT.target_new, TEMPLATES)
+    assert len(set(batch["subject_pos"].tolist())) > 1  # rows differ in where the subject ends
+    assert can_freeze(model, batch)
     delta = torch.randn(model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    results = []
-    for fast in (False, True):
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        with frozen_prefix(model, 1, inputs) if fast else torch.enable_grad():
-            module = ValueOptimizer(model, batch, 1, fast=fast)
-            d = delta.clone().requires_grad_(True)
-            parts = module.losses(d)
-            parts["loss"].backward()
-        results.append((parts, d.grad))
-    (slow, slow_grad), (fast, fast_grad) = results
-    for key in ("loss", "nll", "kl", "weight_decay"):
-        assert torch.allclose(slow[key], fast[key], atol=1e-10), key
-    assert torch.allclose(slow_grad, fast_grad, atol=1e-10)
-    assert slow["kl"] > 0
+    for layer in (0, 1):
+        results = []
+        for fast in (False, True):
+            with frozen_context(model, layer, batch) if fast else contextlib.nullcontext() as live:
+                module = ValueOptimizer(model, batch, layer, live=live, fast=fast)
+                d = delta.clone().requires_grad_(True)
+                parts = module.losses(d)
+                parts["loss"].backward()
+            results.append((parts, d.grad, module.initial_value))
+        (slow, slow_grad, slow_v0), (fast, fast_grad, fast_v0) = results
+        assert torch.allclose(slow_v0, fast_v0, atol=1e-12)
+        for key in ("loss", "nll", "kl", "weight_decay"):
+            assert torch.allclose(slow[key], fast[key], atol=1e-10), (layer, key)
+        assert torch.allclose(slow_grad, fast_grad, atol=1e-10), layer
+        assert slow["kl"] > 0 and slow_grad.abs().max() > 0
+    if model_type == "gemma3_text":  # a window shorter than the prompts: the plain causal mask would be wrong
+        model.config.sliding_window = 4
+        assert not can_freeze(model, batch)
 
 
 def _stats_for(model, layer=1):

@@ -16,7 +16,7 @@ from factedit.architectures import get_module, module_name
 from factedit.cli import quiet_warnings
 from factedit.errors import FacteditError
 from factedit.hooks import Trace, add_at_positions
-from factedit.rome.frozen_prefix import frozen_prefix
+from factedit.rome.frozen_prefix import LiveBatch, can_freeze, frozen_context
 from factedit.tokens import fill_subject, subject_token_range
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,18 @@ def build_value_batch(tokenizer, prompt: str, subject: str, target_new: str, con
 class ValueOptimizer(lightning.LightningModule):
     """Optimizes δ (d_model,) for one fact; `target_value` = v₀ + δ after Trainer.fit.
 
-    fast=True runs layers below the edited one once (frozen prefix) and unembeds only the
-    positions the loss reads; fast=False is the straightforward full forward, for comparison.
+    live: the LiveBatch of `frozen_context` (each step then runs only the positions and layers δ
+    reaches); fast=True also unembeds only the positions the loss reads. fast=False, live=None is
+    the straightforward full forward with logits at every position, for comparison.
     """
 
-    def __init__(self, model, batch: dict, layer: int, *, role="rewrite", v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
-                 kl_factor=0.0625, loss_threshold=0.05, fast=True, v_num_grad_steps=20, **_unused):
+    def __init__(self, model, batch: dict, layer: int, *, live: LiveBatch | None = None, role="rewrite", v_lr=0.5,
+                 v_weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625, loss_threshold=0.05, fast=True,
+                 v_num_grad_steps=20, **_unused):
         super().__init__()
-        self.model, self.batch, self.layer = model, batch, layer
+        self.model, self.batch, self.layer, self.live = model, batch, layer, live
+        self.subject_pos = live.subject_pos if live else batch["subject_pos"]
+        self.target_pos = live.target_pos if live else batch["target_pos"]
         self.rewrite = module_name(model, role, layer)  # the module whose output δ shifts
         self.final_norm = module_name(model, "final_norm")
         self.lr, self.weight_decay, self.clamp, self.kl_factor = v_lr, v_weight_decay, clamp_norm_factor, kl_factor
@@ -77,7 +81,7 @@ class ValueOptimizer(lightning.LightningModule):
         self.n_prompts = batch["target_pos"].shape[0]
         with torch.no_grad():
             values = self._rewrite_outputs()
-            self.register_buffer("initial_value", values[0, batch["subject_pos"][0]].clone())  # v₀
+            self.register_buffer("initial_value", values[0, self.subject_pos[0]].clone())  # v₀
             kl_logits = self._kl_logits(self._final_hidden(torch.zeros_like(self.initial_value)))
             self.register_buffer("initial_kl_log_probs", kl_logits.log_softmax(-1))
         self.delta = torch.nn.Parameter(torch.zeros_like(self.initial_value))
@@ -85,6 +89,8 @@ class ValueOptimizer(lightning.LightningModule):
 
     # ------------------------------------------------------------------ forward pieces
     def _model_inputs(self):
+        if self.live is not None:
+            return self.live.inputs
         return {"input_ids": self.batch["input_ids"], "attention_mask": self.batch["attention_mask"]}
 
     def _rewrite_outputs(self) -> torch.Tensor:
@@ -95,18 +101,18 @@ class ValueOptimizer(lightning.LightningModule):
     def _final_hidden(self, delta: torch.Tensor) -> torch.Tensor:
         """Final-norm output (rows, seq, d_model) with δ added at each row's subject position."""
         rows = torch.arange(self.batch["input_ids"].shape[0], device=delta.device)
-        add_delta = lambda name, hidden: add_at_positions(hidden, rows, self.batch["subject_pos"], delta) if name == self.rewrite else hidden
+        add_delta = lambda name, hidden: add_at_positions(hidden, rows, self.subject_pos, delta) if name == self.rewrite else hidden
         with Trace(self.model, [self.rewrite, self.final_norm], edit_output=add_delta, stop=True, detach=False) as trace:
             self.model(**self._model_inputs())
         return trace[self.final_norm].output
 
     def _kl_logits(self, hidden):
         kl_rows = torch.arange(self.n_prompts, hidden.shape[0], device=hidden.device)
-        return logits_from_hidden(self.model, hidden[kl_rows, self.batch["subject_pos"][kl_rows]])
+        return logits_from_hidden(self.model, hidden[kl_rows, self.subject_pos[kl_rows]])
 
     def losses(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         hidden = self._final_hidden(delta)
-        target_ids, target_pos = self.batch["target_ids"], self.batch["target_pos"]
+        target_ids, target_pos = self.batch["target_ids"], self.target_pos
         rows = torch.arange(self.n_prompts, device=hidden.device)[:, None]
         if self.fast:
             target_logits = logits_from_hidden(self.model, hidden[rows, target_pos])  # (T, n_target, vocab)
@@ -158,11 +164,13 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
     """Fit δ with a real Lightning Trainer; returns the fitted module (δ, v₀, loss history)."""
     batch = build_value_batch(tokenizer, fact.prompt, fact.subject, fact.target_new, context_templates, model.device)
     fast = hparams.get("fast", True)
-    prefix = frozen_prefix(model, layer, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}) \
-        if fast else contextlib.nullcontext()
-    with prefix:
+    if fast and not can_freeze(model, batch):
+        log.warning("attention %r with sliding window %s: v* runs the full forward each step",
+                    model.config._attn_implementation, getattr(model.config, "sliding_window", None))
+    frozen = frozen_context(model, layer, batch) if fast and can_freeze(model, batch) else contextlib.nullcontext()
+    with frozen as live:
         quiet_warnings()
-        module = ValueOptimizer(model, batch, layer, **{k: v for k, v in hparams.items() if k != "layer"})
+        module = ValueOptimizer(model, batch, layer, live=live, **{k: v for k, v in hparams.items() if k != "layer"})
         accelerator = "gpu" if model.device.type == "cuda" else "cpu"  # never move the model elsewhere
         trainer = lightning.Trainer(**{**_VALUE_TRAINER, **(trainer_kwargs or {}), "accelerator": accelerator, "max_epochs": 1})
         trainer.fit(module)

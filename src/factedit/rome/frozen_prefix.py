@@ -1,15 +1,23 @@
-"""Skip the layers below the edited one while optimizing v*: their output never changes.
+"""Compute once what δ cannot change, so each v* step runs only the part it can.
 
-During the value optimization only δ at layer L changes, so layers 0..L-1 compute the same
-hidden states at every step. FrozenPrefix runs them once, then swaps them for stubs that replay
-the cached output, so each step runs only layers L..N-1 (and the embedding lookup).
+δ is added at layer L, at each row's subject last token s_r. Two parts of the forward pass never
+see it: the layers below L (every position), and, in layers L and above, the positions before s_r
+(attention is causal). `frozen_context` runs the full batch once, keeps the input of layer L and
+each layer's keys/values of the frozen positions, and hands back a `LiveBatch` holding only the
+positions s_r, s_r + 1, ... of each row. Inside the block, `model(**live.inputs)` replays layers
+0..L-1 from the cache and attends to the cached keys/values, so it computes exactly what the full
+forward computes at those positions (tested against it in float64).
 """
 import contextlib
+import inspect
+from dataclasses import dataclass
 
 import torch
 
 from factedit.architectures import architecture_of, get_module, module_name
 from factedit.hooks import Trace
+
+MASK_KINDS = {"sdpa": "bool", "eager": "additive"}  # how each attention implementation reads a 4-D mask
 
 
 class _Replay(torch.nn.Module):
@@ -23,21 +31,92 @@ class _Replay(torch.nn.Module):
         return hidden_states if self.cached is None else self.cached
 
 
+class FrozenKeysValues:
+    """Stands in for a transformers Cache: each layer's keys/values of the frozen positions,
+    (rows, heads, n_frozen, d_head), come before the ones the layer computes now. Never mutated."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return (torch.cat([self.keys[layer_idx], key_states], dim=-2),
+                torch.cat([self.values[layer_idx], value_states], dim=-2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[0].shape[-2]
+
+
+@dataclass
+class LiveBatch:
+    """The positions δ can reach. Row r holds positions s_r .. s_r + n_live - 1 (past its end: padding).
+
+    inputs: keyword arguments for the model (input_ids and position_ids (rows, n_live), a 4-D
+    attention mask (rows, 1, n_live, n_frozen + n_live), the frozen keys/values);
+    subject_pos: (rows,) zeros; target_pos: (T, n_target) indices into the live positions.
+    """
+
+    inputs: dict
+    subject_pos: torch.Tensor
+    target_pos: torch.Tensor
+
+
+def can_freeze(model, batch: dict) -> bool:
+    """True when the attention implementation takes the 4-D masks built here (sdpa, eager) and no
+    sliding window is shorter than the prompts (the mask here is plain causal)."""
+    window = getattr(model.config, "sliding_window", None)
+    return (getattr(model.config, "_attn_implementation", None) in MASK_KINDS
+            and (window is None or window >= batch["input_ids"].shape[1]))
+
+
+def _cache_argument(model) -> str:
+    """transformers >= 5.2x calls the cache argument `cache`; earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _live_mask(first: torch.Tensor, n_frozen: int, n_live: int, kind: str, dtype) -> torch.Tensor:
+    """(rows, 1, n_live, n_frozen + n_live): live query j of row r sees frozen keys < s_r and live keys <= j."""
+    device = first.device
+    frozen = (torch.arange(n_frozen, device=device) < first[:, None])[:, None, :].expand(-1, n_live, -1)
+    live = torch.ones(n_live, n_live, dtype=torch.bool, device=device).tril().expand(len(first), -1, -1)
+    allowed = torch.cat([frozen, live], dim=-1)[:, None]
+    if kind == "bool":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _frozen_run(model, layer: int, batch: dict):
+    """One full forward at δ = 0: layer L's input (rows, seq, d) and every layer's keys/values."""
+    name = module_name(model, "layer", layer)
+    with torch.no_grad(), Trace(model, name, retain_input=True, retain_output=False) as trace:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
+    cache = getattr(out, "cache", None)  # transformers >= 5.2x; earlier: past_key_values
+    cache = out.past_key_values if cache is None else cache
+    return trace[name].input, [c.keys for c in cache.layers], [c.values for c in cache.layers]
+
+
 @contextlib.contextmanager
-def frozen_prefix(model, layer: int, inputs: dict):
-    """Within the block, `model(**inputs)` skips layers 0..layer-1 (same `inputs` only)."""
-    if layer == 0:
-        yield
-        return
-    below = module_name(model, "layer", layer - 1)
-    with torch.no_grad(), Trace(model, below, stop=True) as trace:
-        model(**inputs)
+def frozen_context(model, layer: int, batch: dict):
+    """Yield the LiveBatch of `batch` (from build_value_batch); layers 0..L-1 replay inside the block."""
+    first, lengths = batch["subject_pos"], batch["attention_mask"].sum(dim=1)
+    n_frozen, n_live = int(first.max()), int((lengths - first).max())
+    hidden, keys, values = _frozen_run(model, layer, batch)
+    offsets = torch.arange(n_live, device=first.device)
+    positions = first[:, None] + offsets  # (rows, n_live)
+    index = positions.clamp(max=batch["input_ids"].shape[1] - 1)
+    live_hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+    mask = _live_mask(first, n_frozen, n_live, MASK_KINDS[model.config._attn_implementation], hidden.dtype)
+    cache = FrozenKeysValues([k[:, :, :n_frozen] for k in keys], [v[:, :, :n_frozen] for v in values])
+    n_prompts = batch["target_pos"].shape[0]
+    live = LiveBatch(
+        inputs={"input_ids": batch["input_ids"].gather(1, index), "position_ids": positions, "attention_mask": mask,
+                _cache_argument(model): cache, "use_cache": True},
+        subject_pos=torch.zeros_like(first), target_pos=batch["target_pos"] - first[:n_prompts, None])
     layers = get_module(model, architecture_of(model).layers)
     originals = [layers[i] for i in range(layer)]
     try:
         for i in range(layer):
-            layers[i] = _Replay(trace[below].output if i == layer - 1 else None)
-        yield
+            layers[i] = _Replay(live_hidden if i == layer - 1 else None)
+        yield live
     finally:
         for i, original in enumerate(originals):
             layers[i] = original
