@@ -8,6 +8,9 @@ paraphrase, P(true) kept on a neighbour).
 
     python benchmarks/bench_edit.py                     # default model on this machine
     python benchmarks/bench_edit.py --shape gpt2-xl     # random weights at a real shape (GPU)
+
+On a GPU the fast path is also timed in fp32 without CUDA graphs, then with TF32, then TF32 + CUDA
+graphs (the default); "vs reference" divides EasyEdit's ROME time on an H200 (issue #4) by ours.
 """
 import argparse
 import logging
@@ -27,7 +30,9 @@ FACTS = [
          generalization_probes=["The Colosseum is an ancient amphitheatre in the city of"],
          specificity_probes=["The Pantheon is located in the city of"]),
 ]
-SHAPES = {  # model_type and sizes of real models, built with random weights
+SHAPES = {  # model_type and sizes of real models, built with random weights (smoke: a quick check of the script)
+    "smoke": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=2),
     "gpt2-xl": dict(model_type="gpt2", n_embd=1600, n_layer=48, n_head=25, n_positions=1024),
     "gpt-j": dict(model_type="gptj", n_embd=4096, n_layer=28, n_head=16, rotary_dim=64),
     "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -40,62 +45,90 @@ def first_token_prob(model, tokenizer, prompt, word):
     return next_token_logits(model, tokenizer, [prompt])[0].softmax(-1)[token].item()
 
 
-def load(shape, device):
+REFERENCE_H200 = {"gpt2-xl": 1.72, "gpt-j": 4.8, "llama-7b": 6.8}  # EasyEdit's ROME, s/edit, fp32 (issue #4)
+STEPS = {"llama-7b": 25}
+# (label, hparams) of each path; on a GPU the fast path also runs in fp32, then TF32, then TF32 + CUDA graphs.
+CPU_PATHS = [("straightforward", dict(fast=False)), ("fast", dict(fast=True))]
+GPU_PATHS = [("straightforward fp32", dict(fast=False, tf32=False)),
+             ("fast fp32", dict(fast=True, tf32=False, cuda_graph=False)),
+             ("fast tf32", dict(fast=True, tf32=True, cuda_graph=False)),
+             ("fast tf32 + graphs", dict(fast=True, tf32=True, cuda_graph=True))]
+
+
+def load(shape, device, tokenizer):
     if shape is None:
         return load_model("smollm2_135m", device=device)
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"name": shape, "source": "tiny", "tokenizer": "smollm2_135m", "config": SHAPES[shape]})
+    cfg = OmegaConf.create({"name": shape, "source": "tiny", "tokenizer": tokenizer, "config": SHAPES[shape]})
     return load_model(cfg, device=device)
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=sorted(SHAPES))
-    parser.add_argument("--layer", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--layer", type=int, default=None, help="default: 5 (17 at GPT-2 XL shape, as in ROME)")
+    parser.add_argument("--steps", type=int, default=None, help="default: 20 (25 at Llama-7B shape)")
     parser.add_argument("--facts", type=int, default=len(FACTS), help="how many of the benchmark facts to edit")
+    parser.add_argument("--tokenizer", default="smollm2_135m", help="registry name or saved tokenizer folder")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load(args.shape, device)
-    d_mlp = as_out_in(model, rewrite_weight(model, args.layer)).shape[1]
+    layer = args.layer if args.layer is not None else (17 if args.shape == "gpt2-xl" else 5)
+    steps = args.steps or STEPS.get(args.shape, 20)
+    build = time.perf_counter()
+    model, tokenizer = load(args.shape, device, args.tokenizer)
+    synchronize()
+    print(f"built {args.shape or 'smollm2_135m'} on {device} in {time.perf_counter() - build:.1f}s", flush=True)
+    d_mlp = as_out_in(model, rewrite_weight(model, layer)).shape[1]
     try:
         from factedit.stats import load_second_moment
 
-        stats = {args.layer: load_second_moment(model, args.layer)}
+        stats = {layer: load_second_moment(model, layer)}
     except Exception:  # random shapes have no statistics: the update step costs the same
-        stats = {args.layer: torch.eye(d_mlp, dtype=torch.float64)}
-    base = dict(layer=args.layer, v_num_grad_steps=args.steps, seed=0)
+        stats = {layer: torch.eye(d_mlp, dtype=torch.float64, device=device)}
+    base = dict(layer=layer, v_num_grad_steps=steps, seed=0)
     if args.shape:
         base["loss_threshold"] = 0.0  # random weights: run every step
     facts = FACTS[: args.facts]
     rows = {}
-    for label, fast in (("straightforward", False), ("fast", True)):
-        for fact in facts:
-            warm = edit(model, tokenizer, fact, stats=stats, hparams={**base, "fast": fast, "v_num_grad_steps": 1})
-            revert_edits(model, warm.backup)  # warm-up: context templates cached, kernels loaded
-            break
+    for label, path in (GPU_PATHS if device == "cuda" else CPU_PATHS):
+        warm = edit(model, tokenizer, facts[0], stats=stats, hparams={**base, **path, "v_num_grad_steps": 2})
+        revert_edits(model, warm.backup)  # warm-up: context templates cached, kernels loaded
         seconds, quality = {"templates": 0.0, "key": 0.0, "value": 0.0, "update": 0.0}, []
+        synchronize()
         start = time.perf_counter()
         for fact in facts:
-            edits = edit(model, tokenizer, fact, stats=stats, hparams={**base, "fast": fast})
+            edits = edit(model, tokenizer, fact, stats=stats, hparams={**base, **path})
             for k, v in edits[0].info["seconds"].items():
                 seconds[k] += v / len(facts)
-            if not args.shape:
+            if args.shape:  # random weights: how far v* got (the same for every path, up to rounding)
+                quality.append((edits[0].info["final_loss"], edits[0].info["p_target"], float("nan")))
+            else:
                 quality.append((first_token_prob(model, tokenizer, fact.text, fact.target_new),
                                 first_token_prob(model, tokenizer, fact.generalization_probes[0], fact.target_new),
                                 first_token_prob(model, tokenizer, fact.specificity_probes[0], fact.target_new)))
             revert_edits(model, edits.backup)
+        synchronize()
         rows[label] = (seconds, (time.perf_counter() - start) / len(facts), quality)
-    print(f"device: {device}, model: {args.shape or 'smollm2_135m'}, layer {args.layer}, {args.steps} max steps")
-    print(f"| path | templates s | key s | v* s | update s | total s/edit | speed-up | P(new) edit | P(new) paraphrase | P(new) neighbour |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    baseline = rows["straightforward"][1]
+        print(f"{label}: {rows[label][1]:.3f} s/edit", flush=True)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"device: {name}, model: {args.shape or 'smollm2_135m'}, layer {layer}, {steps} max steps, {len(facts)} facts")
+    columns = ("final loss | P(target) | -" if args.shape else "P(new) edit | P(new) paraphrase | P(new) neighbour")
+    reference = REFERENCE_H200.get(args.shape) if device == "cuda" else None
+    print(f"| path | templates s | key s | v* s | update s | total s/edit | speed-up | vs reference | {columns} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    baseline = next(iter(rows.values()))[1]
     for label, (seconds, total, quality) in rows.items():
         mean = lambda i: f"{sum(q[i] for q in quality) / len(quality):.3f}" if quality else "-"
+        versus = f"{reference / total:.1f}x" if reference else "-"
         print(f"| {label} | {seconds['templates']:.2f} | {seconds['key']:.2f} | {seconds['value']:.2f} | "
-              f"{seconds['update']:.2f} | {total:.2f} | {baseline / total:.2f}x | {mean(0)} | {mean(1)} | {mean(2)} |")
+              f"{seconds['update']:.2f} | {total:.3f} | {baseline / total:.2f}x | {versus} | {mean(0)} | {mean(1)} | {mean(2)} |")
 
 
 if __name__ == "__main__":

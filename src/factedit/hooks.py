@@ -99,7 +99,7 @@ def add_at_positions(hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tenso
     hidden: (batch, seq, d); rows, cols: (n,); delta: (d,) or (n, d).
     """
     mask = torch.zeros(hidden.shape[:2] + (1,), dtype=hidden.dtype, device=hidden.device)
-    mask[rows, cols] = 1
+    mask.index_put_((rows, cols), torch.ones((), dtype=hidden.dtype, device=hidden.device))  # no host copy: graph-safe
     if delta.dim() == 1:
         return hidden + mask * delta
     added = torch.zeros_like(hidden).index_put((rows, cols), delta.to(hidden.dtype))

