@@ -211,7 +211,7 @@ def test_bad_facts_are_one_line_errors(fields, message):
 def test_subject_missing_after_tokenization_is_an_error(smollm2):
     from factedit.tokens import subject_token_range
 
-    with pytest.raises(FacteditError, match="does not occur"):
+    with pytest.raises(FacteditError, match="is not in the prompt"):
         subject_token_range(smollm2[1], "The Louvre is in Paris", "Eiffel Tower")
     assert subject_token_range(smollm2[1], "The Eiffel Tower's top", "Eiffel Tower") == (1, 4)
 

@@ -18,7 +18,7 @@ from factedit.tracing.causal_trace import (KINDS, clean_run, corrupted_run, corr
                                            restored_probability_loop, trace_fact, window_layers)
 from factedit.tracing.plots import plot_effect_heatmaps, plot_effect_lines
 from factedit.tracing.run import run
-from factedit.tracing.tokens import fill_prompt, subject_token_range
+from factedit.tokens import fill_prompt, subject_token_range
 
 EIFFEL = ("{} is located in the city of", "Eiffel Tower", "Paris")
 

@@ -13,7 +13,7 @@ def subject_token_range(tokenizer, text: str, subject: str, subject_start: int |
     if subject_start is None:
         subject_start = text.rfind(subject)
     if not subject or subject_start < 0:
-        raise FacteditError(f"subject {subject!r} does not occur in {text!r}")
+        raise FacteditError(f"subject {subject!r} is not in the prompt {text!r}")
     subject_end = subject_start + len(subject)
     offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
     inside = [i for i, (a, b) in enumerate(offsets) if a < subject_end and b > subject_start and b > a]
@@ -28,6 +28,17 @@ def fill_subject(template: str, subject: str) -> tuple[str, int]:
         raise FacteditError(f"prompt {template!r} must contain exactly one '{{}}' where the subject goes")
     start = template.index("{}")
     return template[:start] + subject + template[start + 2:], start
+
+
+def fill_prompt(prompt: str, subject: str) -> str:
+    """The prompt text with the subject in place: `prompt` holds one "{}" or already contains `subject`."""
+    if not subject or not subject.strip():
+        raise FacteditError("the subject is empty: set fact.subject=...")
+    if "{}" in prompt:
+        return prompt.replace("{}", subject, 1)
+    if subject not in prompt:
+        raise FacteditError(f"subject {subject!r} is not in the prompt {prompt!r}: put '{{}}' where the subject goes")
+    return prompt
 
 
 def subject_last_positions(tokenizer, templates: list[str], subject: str) -> list[int]:

@@ -30,7 +30,7 @@ import torch
 from factedit.architectures import architecture_of, get_module, module_name, num_layers
 from factedit.errors import FacteditError
 from factedit.hooks import Trace, hidden_of
-from factedit.tracing.tokens import fill_prompt, subject_token_range
+from factedit.tokens import fill_prompt, subject_token_range
 
 log = logging.getLogger(__name__)
 KINDS = ("hidden", "mlp", "attn")
@@ -58,7 +58,7 @@ def encode_prompt(tokenizer, prompt: str, subject: str, target_true: str | None 
     if target_true is not None and str(target_true).strip():
         target_id = tokenizer(" " + str(target_true).strip(), add_special_tokens=False)["input_ids"][0]
     tokens = [tokenizer.decode([i]) for i in input_ids[0].tolist()]
-    return TracePrompt(text, input_ids, subject_token_range(tokenizer, text, subject), target_id, tokens)
+    return TracePrompt(text, input_ids, subject_token_range(tokenizer, text, subject, text.find(subject)), target_id, tokens)
 
 
 # ---------------------------------------------------------------- corruption
