@@ -174,6 +174,24 @@ def test_predict_traces_each_fact_once_and_reads_it_back(tiny_llama, tmp_path):
     assert fresh[1]["clean_prob"] == results[1]["clean_prob"]  # other settings: traced again
 
 
+def test_two_processes_split_the_facts_and_give_the_numbers_of_one(tiny_llama, tmp_path):
+    model, tokenizer = tiny_llama
+    facts = [{"case_id": i, "subject": s, "prompt": p, "target_true": t} for i, (s, p, t) in enumerate([
+        ("Eiffel Tower", "{} is located in", "Paris"), ("Toko Yasuda", "{}, the", "guitar"),
+        ("Danielle Darrieux", "The mother tongue of {} is", "French")])]
+    settings = {"samples": 2, "window": 2, "kinds": ["hidden", "mlp"], "noise": 3.0, "embed_std": 0.1}
+    trainer = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    one = trace_facts(model, tokenizer, facts, settings, tmp_path / "one", {"run": 1}, {**trainer, "devices": 1})
+    two = trace_facts(model, tokenizer, facts, settings, tmp_path / "two", {"run": 1},
+                      {**trainer, "devices": 2, "strategy": "ddp_spawn"})
+    assert [r["case_id"] for r in two] == [0, 1, 2]
+    assert {r["rank"] for r in two} == {0, 1}  # each process traced some of the facts
+    for a, b in zip(one, two):
+        assert b["clean_prob"] == pytest.approx(a["clean_prob"], abs=1e-6)
+        for kind in ("hidden", "mlp"):
+            assert np.allclose(a["scores"][kind], b["scores"][kind], atol=1e-6)
+
+
 # ---------------------------------------------------------------- the real model
 
 def test_smollm2_traces_the_eiffel_tower_and_full_restoration_is_clean(smollm2):

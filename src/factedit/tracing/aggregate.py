@@ -143,7 +143,7 @@ class CausalTraceModule(lightning.LightningModule):
                 return cached
         result = trace_fact(self.model, self.tokenizer, fact["prompt"], fact["subject"], fact["target_true"],
                             force=True, **self.settings).to_dict()
-        result.update(case_id=fact["case_id"], tag=self.tag)
+        result.update(case_id=fact["case_id"], tag=self.tag, rank=self.global_rank)
         write_json(path, result)
         return result
 
