@@ -7,6 +7,7 @@
 Hooks are removed when the block ends, also when it ends with an exception.
 """
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -111,3 +112,24 @@ def run_until(model, names, *, retain_input=True, **inputs) -> dict[str, Capture
     with torch.no_grad(), Trace(model, names, retain_input=retain_input, stop=True) as trace:
         model(**inputs)
     return trace.captured
+
+
+# ---------------------------------------------------------------- transformers call conventions
+
+def cache_parameter(forward) -> str | None:
+    """The name of a transformers forward's cache argument: `cache` (transformers >= 5.2x) or
+    `past_key_values` (earlier); None when it takes neither."""
+    parameters = inspect.signature(forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def attention_mask_kind(model) -> str | None:
+    """How the model's attention reads a 4-D mask: "bool" (sdpa), "additive" (eager), None (others)."""
+    return {"sdpa": "bool", "eager": "additive"}.get(getattr(model.config, "_attn_implementation", None))
+
+
+def as_attention_mask(allowed: torch.Tensor, kind: str, dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) in the form `kind` reads: itself, or 0 / the dtype's minimum."""
+    if kind == "bool":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -50,7 +50,7 @@ def load_model(name_or_cfg="smollm2_135m", device: str | torch.device = "cpu", d
     loaders = {"gguf_package": _load_gguf, "gguf_assemble": _load_gguf, "hub": _load_hub, "tiny": _load_tiny}
     if cfg.get("source") not in loaders:
         raise FacteditError(f"model config {cfg.get('name')!r} has source {cfg.get('source')!r}; use one of {sorted(loaders)}")
-    model, tokenizer = _load_tiny(cfg, device) if cfg.source == "tiny" else loaders[cfg.source](cfg)
+    model, tokenizer = loaders[cfg.source](cfg, device)
     _set_padding(tokenizer)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model.config.factedit_name = str(cfg.name)
@@ -165,7 +165,7 @@ def _write_cache(folder: Path, gguf: Path, gguf_sha256: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _load_gguf(cfg):
+def _load_gguf(cfg, device=None):  # loaded on the CPU; load_model moves it
     gguf, digest = _packaged_gguf(cfg) if cfg.source == "gguf_package" else _assembled_gguf(cfg)
     folder = cache_dir() / "models" / f"{cfg.name}-{digest[:16]}"
     if not _cache_is_valid(folder, digest):
@@ -179,7 +179,7 @@ def _load_gguf(cfg):
 
 # ---------------------------------------------------------------- hub models and tiny random models
 
-def _load_hub(cfg):
+def _load_hub(cfg, device=None):  # loaded on the CPU; load_model moves it
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.hub_id)
         model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, dtype=torch.float32)

@@ -201,10 +201,11 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
     """
     batch = build_value_batch(tokenizer, fact.prompt, fact.subject, fact.target_new, context_templates, model.device)
     fast = hparams.get("fast", True)
-    if fast and not can_freeze(model, batch):
-        log.warning("attention %r with sliding window %s: v* runs the full forward each step",
+    freeze = fast and can_freeze(model, batch)
+    if fast and not freeze:
+        log.warning("attention %r, sliding window %s: v* runs the full forward each step",
                     model.config._attn_implementation, getattr(model.config, "sliding_window", None))
-    frozen = frozen_context(model, layer, batch) if fast and can_freeze(model, batch) else contextlib.nullcontext()
+    frozen = frozen_context(model, layer, batch) if freeze else contextlib.nullcontext()
     with frozen as live, matmul_precision(model, bool(hparams.get("tf32", True))):
         quiet_warnings()
         module = ValueOptimizer(model, batch, layer, live=live, **{k: v for k, v in hparams.items() if k != "layer"})

@@ -9,18 +9,16 @@ positions s_r, s_r + 1, ... of each row. Inside the block, `model(**live.inputs)
 forward computes at those positions (tested against it in float64).
 """
 import contextlib
-import inspect
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from factedit.architectures import architecture_of, get_module, module_name
-from factedit.hooks import Trace
+from factedit.hooks import Trace, as_attention_mask, attention_mask_kind, cache_parameter
 
 log = logging.getLogger(__name__)
 _CHECKED: dict[tuple, bool] = {}  # (model class, attention) -> whether its live forward matched the full one
-MASK_KINDS = {"sdpa": "bool", "eager": "additive"}  # how each attention implementation reads a 4-D mask
 
 
 class _Replay(torch.nn.Module):
@@ -69,24 +67,21 @@ def can_freeze(model, batch: dict) -> bool:
     """True when the attention implementation takes the 4-D masks built here (sdpa, eager) and no
     sliding window is shorter than the prompts (the mask here is plain causal)."""
     window = getattr(model.config, "sliding_window", None)
-    return (getattr(model.config, "_attn_implementation", None) in MASK_KINDS
-            and (window is None or window >= batch["input_ids"].shape[1]))
+    return (attention_mask_kind(model) is not None and (window is None or window >= batch["input_ids"].shape[1])
+            and _CHECKED.get(_model_key(model)) is not False)
 
 
-def _cache_argument(model) -> str:
-    """transformers >= 5.2x calls the cache argument `cache`; earlier versions `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def _model_key(model) -> tuple:
+    return type(model), model.config._attn_implementation
 
 
-def _live_mask(first: torch.Tensor, n_frozen: int, n_live: int, kind: str, dtype) -> torch.Tensor:
-    """(rows, 1, n_live, n_frozen + n_live): live query j of row r sees frozen keys < s_r and live keys <= j."""
+def _live_mask(first: torch.Tensor, n_frozen: int, n_live: int) -> torch.Tensor:
+    """(rows, 1, n_live, n_frozen + n_live), True where live query j of row r may attend: frozen keys
+    before s_r and live keys up to j."""
     device = first.device
     frozen = (torch.arange(n_frozen, device=device) < first[:, None])[:, None, :].expand(-1, n_live, -1)
     live = torch.ones(n_live, n_live, dtype=torch.bool, device=device).tril().expand(len(first), -1, -1)
-    allowed = torch.cat([frozen, live], dim=-1)[:, None]
-    if kind == "bool":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.cat([frozen, live], dim=-1)[:, None]
 
 
 def _frozen_run(model, layer: int, batch: dict):
@@ -132,27 +127,29 @@ def frozen_context(model, layer: int, batch: dict):
     """Yield the LiveBatch of `batch` (from build_value_batch); layers 0..L-1 replay inside the block.
 
     Yields None (the caller then runs the full forward) when this model class's code does not
-    reproduce the full run from frozen keys/values; checked on its first use.
+    reproduce the full run from frozen keys/values; checked on its first use (`can_freeze` is then
+    false for the class, so the check's full forward is not paid again).
     """
     first, lengths = batch["subject_pos"], batch["attention_mask"].sum(dim=1)
     n_frozen, n_live = int(first.max()), int((lengths - first).max())
-    checked = (type(model), model.config._attn_implementation)
+    checked = _model_key(model)
     try:
         hidden, final_hidden, keys, values, as_tuple = _frozen_run(model, layer, batch)
     except (AttributeError, TypeError) as error:  # a cache without per-layer keys/values
         log.warning("v* runs the full forward each step: no frozen keys/values (%s)", error)
+        _CHECKED[checked] = False
         yield None
         return
     offsets = torch.arange(n_live, device=first.device)
     positions = first[:, None] + offsets  # (rows, n_live)
     index = positions.clamp(max=batch["input_ids"].shape[1] - 1)
     live_hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-    mask = _live_mask(first, n_frozen, n_live, MASK_KINDS[model.config._attn_implementation], hidden.dtype)
+    mask = as_attention_mask(_live_mask(first, n_frozen, n_live), attention_mask_kind(model), hidden.dtype)
     cache = FrozenKeysValues([k[:, :, :n_frozen] for k in keys], [v[:, :, :n_frozen] for v in values])
     n_prompts = batch["target_pos"].shape[0]
     live = LiveBatch(
         inputs={"input_ids": batch["input_ids"].gather(1, index), "position_ids": positions, "attention_mask": mask,
-                _cache_argument(model): cache, "use_cache": True},
+                cache_parameter(model.forward) or "past_key_values": cache, "use_cache": True},
         subject_pos=torch.zeros_like(first), target_pos=batch["target_pos"] - first[:n_prompts, None])
     layers = get_module(model, architecture_of(model).layers)
     originals = [layers[i] for i in range(layer)]
@@ -163,10 +160,14 @@ def frozen_context(model, layer: int, batch: dict):
             valid = positions < lengths[:, None]
             expected = final_hidden.gather(1, index[..., None].expand(-1, -1, final_hidden.shape[-1]))
             _CHECKED[checked] = _replays_the_full_run(model, live, expected, valid)
-        if not _CHECKED[checked]:
-            for i, original in enumerate(originals):
-                layers[i] = original
+            if not _CHECKED[checked]:
+                _restore(layers, originals)
         yield live if _CHECKED[checked] else None
     finally:
-        for i, original in enumerate(originals):
-            layers[i] = original
+        _restore(layers, originals)
+
+
+def _restore(layers, originals: list) -> None:
+    """Put the decoder layers 0..len(originals)-1 back in place of their stand-ins."""
+    for i, original in enumerate(originals):
+        layers[i] = original

@@ -29,7 +29,7 @@ import torch
 
 from factedit.architectures import architecture_of, get_module, module_name, num_layers
 from factedit.errors import FacteditError
-from factedit.hooks import Trace, hidden_of
+from factedit.hooks import Trace, as_attention_mask, attention_mask_kind, cache_parameter, hidden_of
 from factedit.tokens import fill_prompt, subject_token_range
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,7 @@ class LayerCalls:
     def _causal_mask(self, first: int, device, dtype) -> torch.Tensor:
         """(1, 1, T - first, T): the query at position first + i sees keys 0..first + i."""
         allowed = torch.ones(self.n_tokens - first, self.n_tokens, dtype=torch.bool, device=device).tril(first)
-        if self.mask_kind == "bool":
-            return allowed[None, None]
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        return additive.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+        return as_attention_mask(allowed, self.mask_kind, dtype)[None, None]
 
 
 def _bind_layer_call(module, args, kwargs) -> dict:
@@ -202,15 +199,13 @@ def _bind_layer_call(module, args, kwargs) -> dict:
 
 def _layer_calls(model, kwargs: list[dict], n_tokens: int) -> LayerCalls:
     layer = get_module(model, module_name(model, "layer", 0))
-    parameters = inspect.signature(layer.forward).parameters
-    cache_arg = next((name for name in ("cache", "past_key_values") if name in parameters), None)
+    cache_arg = cache_parameter(layer.forward)
     cuttable = all(name in _PER_POSITION for call in kwargs for name, value in call.items()
                    if torch.is_tensor(value) or (isinstance(value, tuple) and value and torch.is_tensor(value[0])))
     window = getattr(model.config, "sliding_window", None)
     if not cuttable or (window is not None and n_tokens > window):
         cache_arg = None
-    mask_kind = {"sdpa": "bool", "eager": "additive"}.get(getattr(model.config, "_attn_implementation", None))
-    return LayerCalls(kwargs, n_tokens, cache_arg, mask_kind)
+    return LayerCalls(kwargs, n_tokens, cache_arg, attention_mask_kind(model))
 
 
 def run_layers(model, calls: LayerCalls, hidden: torch.Tensor | None, start: int, first: int = 0, cache=None,
