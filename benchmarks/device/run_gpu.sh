@@ -8,8 +8,8 @@ tok=$FACTEDIT_CACHE/models/smollm2_135m-carried
 mkdir -p $tok && cp .devcarry/smollm2_tokenizer/* $tok/ && echo '{}' > $tok/factedit.json
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_rome.py -k "cuda_graph or gpu" 2>&1 | tail -15 | tee $OUT/pytest.log
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_rome.py -k "cuda_graph or gpu or bf16" 2>&1 | tail -15 | tee $OUT/pytest.log
 for shape in ${SHAPES:-gpt2-xl llama-7b gpt-j}; do
   echo "=== $shape"
-  timeout ${SHAPE_TIMEOUT:-200} python3 benchmarks/bench_edit.py --shape $shape --facts ${FACTS:-2} 2>&1 | grep -v "Loading weights" | tee $OUT/bench_edit_$shape.log | tail -9
+  timeout ${SHAPE_TIMEOUT:-200} python3 benchmarks/bench_edit.py --shape $shape --facts ${FACTS:-1} 2>&1 | grep -v "Loading weights" | tee $OUT/bench_edit_$shape.log | tail -9
 done

@@ -51,7 +51,7 @@ def load_model(name_or_cfg="smollm2_135m", device: str | torch.device = "cpu", d
     if cfg.get("source") not in loaders:
         raise FacteditError(f"model config {cfg.get('name')!r} has source {cfg.get('source')!r}; use one of {sorted(loaders)}")
     model, tokenizer = loaders[cfg.source](cfg, device)
-    _set_padding(tokenizer)
+    _prepare_tokenizer(tokenizer, cfg)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model.config.factedit_name = str(cfg.name)
     return model, tokenizer
@@ -60,21 +60,28 @@ def load_model(name_or_cfg="smollm2_135m", device: str | torch.device = "cpu", d
 def load_tokenizer(name_or_cfg="smollm2_135m"):
     """The tokenizer alone: from a saved tokenizer folder, the dequantized-weights cache, or the hub."""
     if Path(str(name_or_cfg)).is_dir() and not (CONFIG_DIR / "model" / f"{name_or_cfg}.yaml").is_file():
-        return _set_padding(AutoTokenizer.from_pretrained(str(name_or_cfg)))
+        return _prepare_tokenizer(AutoTokenizer.from_pretrained(str(name_or_cfg)), {})
     cfg = model_config(name_or_cfg)
     if cfg.get("source") in ("gguf_package", "gguf_assemble"):
         cached = sorted((cache_dir() / "models").glob(f"{cfg.name}-*/factedit.json"))
         if cached:  # the tokenizer is saved beside the cached weights; no need to hash them here
-            return _set_padding(AutoTokenizer.from_pretrained(cached[-1].parent))
+            return _prepare_tokenizer(AutoTokenizer.from_pretrained(cached[-1].parent), cfg)
     if cfg.get("source") == "hub":
-        return _set_padding(AutoTokenizer.from_pretrained(cfg.hub_id))
+        return _prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.hub_id), cfg)
     return load_model(cfg)[1]
 
 
-def _set_padding(tokenizer):
+def _prepare_tokenizer(tokenizer, cfg):
+    """Right padding (EOS when there is no pad token) and, when the model config names a
+    `bos_token`, that token before every text (what a document start looked like in training)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    if cfg.get("bos_token"):
+        if cfg.bos_token not in tokenizer.get_vocab():
+            raise FacteditError(f"model config bos_token {cfg.bos_token!r} is not a token of this tokenizer: fix configs/model/{cfg.get('name')}.yaml")
+        tokenizer.bos_token = cfg.bos_token
+        tokenizer.add_bos_token = True
     return tokenizer
 
 

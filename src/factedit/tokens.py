@@ -50,6 +50,11 @@ def subject_last_positions(tokenizer, templates: list[str], subject: str) -> lis
     return positions
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The token ids the tokenizer puts before every text (e.g. [BOS]; [] for GPT-2)."""
+    return list(tokenizer("")["input_ids"])
+
+
 def batch_encode(tokenizer, texts: list[str], device=None) -> dict[str, torch.Tensor]:
     """Right-padded input_ids and attention_mask for `texts` (positions of real tokens are unchanged)."""
     encoded = tokenizer(texts, return_tensors="pt", padding=True)

@@ -16,6 +16,7 @@ from factedit.evaluation.report import build_summary, compare, write_run_report
 from factedit.io import write_json
 from factedit.models import load_model, model_fingerprint
 from factedit.paths import CHECKPOINT_DIR, REPO_ROOT
+from factedit.tokens import special_prefix
 
 log = logging.getLogger("factedit.evaluate")
 LOG_ROOT = REPO_ROOT / "logs" / "evaluate"
@@ -37,9 +38,10 @@ def output_dir(cfg, name: str) -> Path:
     return LOG_ROOT / str(run)
 
 
-def run_settings(cfg, model, editor) -> dict:
+def run_settings(cfg, model, tokenizer, editor) -> dict:
     """What must not change when a run is resumed (stats: a digest of the editor's C, when it has one)."""
-    return {"model": str(cfg.model.name), "fingerprint": model_fingerprint(model), "editor": editor_name(cfg, editor),
+    return {"model": str(cfg.model.name), "fingerprint": model_fingerprint(model), "special_prefix": special_prefix(tokenizer),
+            "editor": editor_name(cfg, editor),
             "stats": getattr(editor, "stats_digest", None),
             "editor_config": OmegaConf.to_container(cfg.editor, resolve=True),
             "model_rome": OmegaConf.to_container(cfg.model.get("rome", {}), resolve=True),
@@ -52,7 +54,7 @@ def check_settings(out_dir: Path, settings: dict) -> None:
     path = out_dir / "settings.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        changed = sorted(k for k in settings if k in saved and saved[k] != settings[k])
+        changed = sorted(k for k in settings if saved.get(k, "(absent)") != settings[k])
         if changed:
             raise FacteditError(f"{out_dir} holds a run with other settings ({', '.join(changed)} differ): "
                                 f"choose another run=NAME or out_dir=, or delete {out_dir} to start over")
@@ -115,7 +117,7 @@ def run(cfg) -> Path | None:
     name = editor_name(cfg, editor)
     out_dir = output_dir(cfg, name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(out_dir, run_settings(cfg, model, editor))
+    check_settings(out_dir, run_settings(cfg, model, tokenizer, editor))
     wanted = {r.case_id for r in records}
     drop_incomplete_line(out_dir / "records.jsonl")
     prior = {r["case_id"]: r for r in read_lines(out_dir / "records.jsonl") if r.get("case_id") in wanted}

@@ -7,6 +7,7 @@ token of every prompt. Loss = mean NLL of target_new over the context-templated 
 import contextlib
 import logging
 import math
+import time
 
 import lightning
 import torch
@@ -21,6 +22,8 @@ from factedit.tokens import fill_subject, subject_token_range
 
 log = logging.getLogger(__name__)
 KL_PROMPTS = ["{} is a"]
+LOSS_NAMES = ("loss", "nll", "kl", "weight_decay", "p_target")
+GRAPH_WARMUP = 1  # eager steps before a CUDA graph is captured (they are steps of the optimization too)
 
 
 def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -65,12 +68,17 @@ class ValueOptimizer(lightning.LightningModule):
     live: the LiveBatch of `frozen_context` (each step then runs only the positions and layers δ
     reaches); fast=True also unembeds only the positions the loss reads. fast=False, live=None is
     the straightforward full forward with logits at every position, for comparison.
+    cuda_graph (GPU and live only): after GRAPH_WARMUP eager steps, each step — forward, backward,
+    Adam, clamp — is one CUDA graph replay. Optimization is manual (one `step` holds all of it), so
+    a replayed step does not pass through Lightning's optimizer wrapper: trainer.global_step
+    does not count graphed fits; `history` has every step.
     """
 
     def __init__(self, model, batch: dict, layer: int, *, live: LiveBatch | None = None, role="rewrite", v_lr=0.5,
                  v_weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625, loss_threshold=0.05, fast=True,
-                 v_num_grad_steps=20, **_unused):
+                 v_num_grad_steps=20, cuda_graph=False, bf16=False, **_unused):
         super().__init__()
+        self.automatic_optimization = False
         self._frozen_model = (model,)  # not a submodule: Lightning moves its module to the CPU after fit
         self.batch, self.layer, self.live = batch, layer, live
         self.subject_pos = live.subject_pos if live else batch["subject_pos"]
@@ -87,6 +95,9 @@ class ValueOptimizer(lightning.LightningModule):
             self.register_buffer("initial_kl_log_probs", kl_logits.log_softmax(-1))
         self.delta = torch.nn.Parameter(torch.zeros_like(self.initial_value))
         self.history: list[dict] = []
+        self.cuda_graph = bool(cuda_graph) and live is not None and self.initial_value.is_cuda
+        self.bf16 = bool(bf16) and self.initial_value.is_cuda
+        self._graph, self._graph_losses, self._eager_steps = None, None, 0
 
     @property
     def model(self):
@@ -131,17 +142,47 @@ class ValueOptimizer(lightning.LightningModule):
         return {"loss": nll + self.kl_factor * kl + decay, "nll": nll, "kl": kl, "weight_decay": decay,
                 "p_target": target_log_probs.mean(dim=1).exp().mean()}
 
-    def graph_losses(self, warmup: int = 1) -> None:
-        """Capture `losses` forward and backward as CUDA graphs (torch.cuda.make_graphed_callables);
-        every later step replays them instead of launching each kernel from Python."""
-        names = list(self.losses(self.delta.detach()))
-        graphed = torch.cuda.make_graphed_callables(lambda delta: tuple(self.losses(delta).values()),
-                                                    (self.delta.detach().clone().requires_grad_(True),),
-                                                    num_warmup_iters=warmup)
-        self.step_losses = lambda delta: dict(zip(names, graphed(delta)))
+    # ------------------------------------------------------------------ one optimization step
+    def step(self, optimizer) -> torch.Tensor:
+        """Losses at the current δ, dloss/dδ, one Adam step, δ clamped to clamp_norm_factor·‖v₀‖.
 
-    def step_losses(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.losses(delta)
+        Returns the losses before the update, stacked in LOSS_NAMES order (no host sync), so the
+        whole step can be captured as one CUDA graph.
+        """
+        self.delta.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):  # no cache: graph-safe
+            parts = self.losses(self.delta)
+        parts["loss"].backward()
+        optimizer.step()
+        with torch.no_grad():  # a scale factor instead of a branch on the norm: no host sync
+            self.delta.mul_((self.clamp * self.initial_value.norm() / self.delta.norm()).clamp(max=1.0))
+        return torch.stack([parts[name].detach() for name in LOSS_NAMES])
+
+    def graphed_step(self) -> torch.Tensor:
+        """`step` replayed from a CUDA graph. The first GRAPH_WARMUP steps run eagerly on a side
+        stream (capture needs warmed-up kernels and optimizer state) and count as real steps; the
+        graph is captured after them and replays every later step with the same tensors."""
+        if self._graph is not None:
+            self._graph.replay()
+            return self._graph_losses
+        optimizer = self.optimizers().optimizer  # the torch optimizer: Lightning's wrapper cannot be replayed
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            losses = self.step(optimizer)
+        torch.cuda.current_stream().wait_stream(side)
+        self._eager_steps += 1
+        if self._eager_steps == GRAPH_WARMUP:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self._graph_losses = self.step(optimizer)
+            except RuntimeError as error:  # a kernel that cannot be captured: the later steps run eagerly
+                log.warning("v* runs without CUDA graphs (%s)", str(error).splitlines()[0])
+                self.cuda_graph = False
+                return losses
+            self._graph = graph
+        return losses
 
     # ------------------------------------------------------------------ Lightning hooks
     def train_dataloader(self):
@@ -149,27 +190,25 @@ class ValueOptimizer(lightning.LightningModule):
         return torch.utils.data.DataLoader([0] * self.steps, batch_size=1)
 
     def configure_optimizers(self):
-        return torch.optim.Adam([self.delta], lr=self.lr)
+        return torch.optim.Adam([self.delta], lr=self.lr, capturable=self.cuda_graph)
 
     def on_train_start(self):
         self.model.eval()  # the Trainer put everything in train mode; the frozen model has dropout
 
     def training_step(self, _batch, _index):
-        parts = self.step_losses(self.delta)
-        values = dict(zip(parts, torch.stack([v.detach() for v in parts.values()]).tolist()))  # one device sync
+        losses = self.graphed_step() if self.cuda_graph else self.step(self.optimizers())
+        values = dict(zip(LOSS_NAMES, losses.tolist()))  # the one host sync of a step
         if not math.isfinite(values["loss"]):
             raise FacteditError(f"the value optimization diverged (loss {values['loss']}): lower editor v_lr or model.rome.v_lr")
         self.history.append({k: round(v, 5) for k, v in values.items()})
-        self.log_dict(values, on_step=True)
+        self.log("loss", values["loss"], on_step=True, prog_bar=True)  # each logged value costs ~1 ms of Lightning
+        if self.trainer.loggers:
+            self.log_dict({k: v for k, v in values.items() if k != "loss"}, on_step=True)
         if values["loss"] < self.loss_threshold:
             self.trainer.should_stop = True
-        return parts["loss"]
 
-    def on_train_batch_end(self, *_):
-        max_norm = self.clamp * self.initial_value.norm()
-        with torch.no_grad():
-            if self.delta.norm() > max_norm:
-                self.delta.mul_(max_norm / self.delta.norm())
+    def on_train_end(self):
+        self._graph = self._graph_losses = self.delta.grad = None  # frees the graph's memory pool
 
     @property
     def target_value(self) -> torch.Tensor:
@@ -195,10 +234,11 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
                   trainer_kwargs: dict | None = None) -> ValueOptimizer:
     """Fit δ with a real Lightning Trainer; returns the fitted module (δ, v₀, loss history).
 
-    On a GPU: hparams tf32 (default true) lets the v* matrix products use TF32, and cuda_graph
-    (default false: experimental, see benchmarks/RESULTS.md) replays each step's forward and
-    backward as CUDA graphs.
+    On a GPU: hparams tf32 (default true) lets the v* matrix products use TF32, cuda_graph
+    replays each whole step (forward, backward, Adam, clamp) as one CUDA graph, and bf16 runs the
+    step's forward and backward under bfloat16 autocast (δ, Adam and the update stay float32/64).
     """
+    start = time.perf_counter()
     batch = build_value_batch(tokenizer, fact.prompt, fact.subject, fact.target_new, context_templates, model.device)
     fast = hparams.get("fast", True)
     freeze = fast and can_freeze(model, batch)
@@ -209,16 +249,14 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
     with frozen as live, matmul_precision(model, bool(hparams.get("tf32", True))):
         quiet_warnings()
         module = ValueOptimizer(model, batch, layer, live=live, **{k: v for k, v in hparams.items() if k != "layer"})
-        if live is not None and model.device.type == "cuda" and hparams.get("cuda_graph", False):
-            try:
-                module.graph_losses()
-            except RuntimeError as error:  # a kernel that cannot be captured: run each step eagerly
-                log.warning("v* runs without CUDA graphs (%s)", str(error).splitlines()[0])
-                module.step_losses = module.losses
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        prepared = time.perf_counter()
         accelerator = "gpu" if model.device.type == "cuda" else "cpu"  # never move the model elsewhere
         trainer = lightning.Trainer(**{**_VALUE_TRAINER, **(trainer_kwargs or {}), "accelerator": accelerator, "max_epochs": 1})
         trainer.fit(module)
     module.to(model.device)  # Lightning's teardown moved δ and v₀ to the CPU
+    module.seconds = {"prepare": prepared - start, "fit": time.perf_counter() - prepared}  # frozen context + v₀; Trainer
     last = module.history[-1] if module.history else {}
     log.info("v*: %d steps, loss %.4f, P(target) %.3f, |δ|/|v₀| %.2f", len(module.history), last.get("loss", math.nan),
              last.get("p_target", math.nan), (module.delta.norm() / module.initial_value.norm()).item())

@@ -5,24 +5,36 @@ bare prompt. ROME generates 10 texts of 5 tokens and 10 of 10 tokens from five o
 """
 import json
 import logging
+import weakref
 
 import torch
 
 from factedit.io import write_json
 from factedit.models import model_fingerprint
 from factedit.paths import cache_dir
+from factedit.tokens import special_prefix
 
 log = logging.getLogger(__name__)
 OPENINGS = ["The", "Therefore", "Because", "I", "You"]
+_IN_MEMORY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(spec, seed, prefix): templates}
 
 
 def context_templates(model, tokenizer, spec=((5, 10), (10, 10)), seed: int = 0) -> list[str]:
     """["{}", "<text>. {}", ...]: the bare prompt plus one template per generated text.
 
-    spec: (tokens, count) pairs. Cached per model fingerprint, spec and seed.
+    spec: (tokens, count) pairs. Cached on disk per model fingerprint, spec, seed and the tokenizer's
+    BOS, and in memory per model object (an edited model keeps the templates of its first call).
     """
     spec = [tuple(int(x) for x in pair) for pair in spec]
-    key = f"{model_fingerprint(model)}-{'_'.join(f'{n}x{c}' for n, c in spec)}-seed{seed}"
+    prefix = "".join(f"-{i}" for i in special_prefix(tokenizer))  # generation starts from BOS + opening
+    remembered = _IN_MEMORY.setdefault(model, {})
+    if (tuple(spec), seed, prefix) not in remembered:  # once per model object: later edits keep them (as ROME)
+        remembered[(tuple(spec), seed, prefix)] = _cached_templates(model, tokenizer, spec, seed, prefix)
+    return list(remembered[(tuple(spec), seed, prefix)])
+
+
+def _cached_templates(model, tokenizer, spec: list[tuple[int, int]], seed: int, prefix: str) -> list[str]:
+    key = f"{model_fingerprint(model)}-{'_'.join(f'{n}x{c}' for n, c in spec)}-seed{seed}{prefix}"
     path = cache_dir() / "context_templates" / f"{key}.json"
     if path.is_file():
         try:

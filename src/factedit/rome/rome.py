@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HPARAMS = dict(layer=5, v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
                        kl_factor=0.0625, loss_threshold=0.05, context_templates=[[5, 10], [10, 10]], update="fixed",
-                       fast=True, tf32=True, cuda_graph=False, seed=0, role="rewrite")
+                       fast=True, tf32=True, cuda_graph=True, bf16=False, seed=0, role="rewrite")
 
 
 class Edits(list):
@@ -86,6 +86,7 @@ def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict
             "p_target": value.history[-1]["p_target"] if value.history else None,
             "delta_norm_ratio": float(delta.norm() / value.initial_value.double().norm()),
             "seconds": {k: round(v, 3) for k, v in timings.items()},
+            "value_seconds": {k: round(v, 3) for k, v in value.seconds.items()},
             "hparams": {k: (list(map(list, v)) if k == "context_templates" else v) for k, v in hp.items()}}
     return Edit(layer, module_name(model, role, layer), u.cpu(), lam.cpu(), fact.to_dict(), info,
                 key=key.cpu(), target_value=(weight.double() @ key + lam * (u @ key)).cpu())
