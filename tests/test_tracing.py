@@ -18,7 +18,7 @@ from factedit.tracing.causal_trace import (KINDS, clean_run, corrupted_run, corr
                                            restored_probability_loop, trace_fact, window_layers)
 from factedit.tracing.plots import plot_effect_heatmaps, plot_effect_lines
 from factedit.tracing.run import run
-from factedit.tokens import fill_prompt, subject_token_range
+from factedit.tokens import fill_prompt, special_prefix, subject_token_range
 
 EIFFEL = ("{} is located in the city of", "Eiffel Tower", "Paris")
 
@@ -40,15 +40,16 @@ def test_subject_token_range_finds_the_subject_tokens(tiny_llama):
     start, end = subject_token_range(tokenizer, text, "Eiffel Tower")
     ids = tokenizer(text)["input_ids"]
     assert tokenizer.decode(ids[start:end]).strip() == "Eiffel Tower"
-    assert start == 1  # after "The"
+    assert start == len(special_prefix(tokenizer)) + 1  # after BOS and "The"
 
 
 def test_subject_token_range_keeps_a_token_merged_with_what_follows(tiny_llama):
-    _, tokenizer = tiny_llama  # SmolLM2's tokenizer: "Daniel" "le" " Dar" "rie" "ux" "'s" ...
+    _, tokenizer = tiny_llama  # SmolLM2's tokenizer: BOS "Daniel" "le" " Dar" "rie" "ux" "'s" ...
     text = "Danielle Darrieux's mother tongue is"
-    assert subject_token_range(tokenizer, text, "Danielle Darrieux") == (0, 5)
-    assert subject_token_range(tokenizer, text, "Daniell") == (0, 2)  # "le" holds the subject's last character
-    assert subject_token_range(tokenizer, text, "Darrieux's") == (2, 6)
+    b = len(special_prefix(tokenizer))
+    assert subject_token_range(tokenizer, text, "Danielle Darrieux") == (b, b + 5)
+    assert subject_token_range(tokenizer, text, "Daniell") == (b, b + 2)  # "le" holds the subject's last character
+    assert subject_token_range(tokenizer, text, "Darrieux's") == (b + 2, b + 6)
 
 
 def test_subject_not_in_prompt_is_a_clear_error(tiny_llama):
@@ -126,7 +127,7 @@ def test_unknown_fact_stops_unless_forced(tiny_llama, caplog):
         trace_fact(model, tokenizer, *EIFFEL, samples=2, window=2)
     result = trace_fact(model, tokenizer, *EIFFEL, samples=2, window=2, kinds=["hidden"], force=True)
     assert not result.known and "does not know" in caplog.text
-    assert np.array(result.scores["hidden"]).shape == (9, 4)
+    assert np.array(result.scores["hidden"]).shape == (len(special_prefix(tokenizer)) + 9, 4)
 
 
 # ---------------------------------------------------------------- aggregate
@@ -223,15 +224,16 @@ def test_smollm2_traces_the_eiffel_tower_and_full_restoration_is_clean(smollm2):
     assert torch.equal(restored, plain)
 
     last, n_layers = len(prompt.tokens) - 1, num_layers(model)
-    checked = [(1, 3), (1, 20), (last, 3), (last, 20)]
-    only = {(1, layer) for layer in range(10)} | {(last, n_layers - 1), *checked}
+    iffel = prompt.subject_range[0] + 1  # the subject's second token (after BOS, "E")
+    checked = [(iffel, 3), (iffel, 20), (last, 3), (last, 20)]
+    only = {(iffel, layer) for layer in range(10)} | {(last, n_layers - 1), *checked}
     grid = restored_grid(model, clean, corrupted, "hidden", prompt, prompt.target_id, only=only)
     assert grid[last, -1] == pytest.approx(clean_prob, abs=1e-6)  # the last layer's output at the last token
     for token, layer in checked:  # against the one-cell loop, in float32
         cell = grid_cells("hidden", last + 1, n_layers, 1)[token * n_layers + layer]
         loop = restored_probability_loop(model, prompt, embeds, "hidden", cell, prompt.target_id)
         assert grid[token, layer] == pytest.approx(loop, abs=2e-5)
-    assert grid[1, :10].mean() > 5 * float(corrupted.probs[:, prompt.target_id].mean())  # "iffel" carries the fact
+    assert grid[iffel, :10].mean() > 5 * float(corrupted.probs[:, prompt.target_id].mean())  # "iffel" carries the fact
 
 
 # ---------------------------------------------------------------- the entry point
@@ -243,8 +245,8 @@ def test_cli_writes_heatmaps_and_json(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "trace.json").read_text())
-    assert result["fact_name"] == "eiffel_rome" and result["subject_range"] == [0, 3]
-    assert np.array(result["scores"]["attn"]).shape == (9, 4)
+    assert result["fact_name"] == "eiffel_rome" and result["subject_range"] == [1, 4]  # after SmolLM2's BOS
+    assert np.array(result["scores"]["attn"]).shape == (10, 4)
     for kind in KINDS:
         assert (tmp_path / "out" / f"{kind}.png").stat().st_size > 1000
         assert (tmp_path / "out" / f"{kind}.pdf").is_file()
