@@ -245,6 +245,9 @@ def test_ft_run_writes_lines_and_a_summary_and_resumes(tmp_path):
         assert resumed["post"][key] == pytest.approx(summary["post"][key], abs=1e-9), key
     with pytest.raises(FacteditError, match="other settings"):
         run(compose_cfg(*options, "editor.steps=3"))
+    # options that change no number on this CPU (how steps run on a GPU) do not block resuming
+    assert json.loads((run(compose_cfg(*options, "+editor.cuda_graph=true", "+editor.bf16=true")) / "summary.json")
+                      .read_text())["records_this_run"] == 0
 
 
 def test_saved_edits_are_measured_without_editing(tmp_path, tiny_llama):

@@ -134,6 +134,23 @@ def test_cuda_graph_steps_equal_eager_steps(tiny_llama, model_type):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graph_fit_stops_after_the_step_the_eager_fit_stops_after(tiny_llama):
+    """Replayed steps are read one step late (the host overlaps the next replay); a fit that
+    reaches the loss threshold still ends with the eager fit's δ and history (the extra step is undone)."""
+    tokenizer = tiny_llama[1]
+    model = _family_model("llama", "sdpa", tokenizer).float().cuda()
+    hparams = dict(v_num_grad_steps=12, loss_threshold=0.0, tf32=False, clamp_norm_factor=100.0, v_weight_decay=0.0, v_lr=0.1)
+    # (on a random model the weight-decay term and the clamp pin the loss: without them it falls a little each step)
+    losses = [h["loss"] for h in compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": False}).history]
+    stop = next(k for k in range(3, 11) if losses[k] < min(losses[:k]) - 5e-4)  # the first new low after replays start
+    threshold = (losses[stop] + min(losses[:stop])) / 2
+    eager, graphed = (compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "loss_threshold": threshold, "cuda_graph": g})
+                      for g in (False, True))
+    assert graphed._eager_steps == GRAPH_WARMUP and len(eager.history) == len(graphed.history) == stop + 1
+    assert torch.allclose(eager.delta, graphed.delta, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_bf16_value_fit_follows_the_float32_fit(tiny_llama):
     """bfloat16 autocast (graphed) follows the float32 fit step by step, to bf16 rounding (on this
     random model δ jumps to the clamp at the first step and stays there in both)."""

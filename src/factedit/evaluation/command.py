@@ -43,10 +43,20 @@ def run_settings(cfg, model, tokenizer, editor) -> dict:
     return {"model": str(cfg.model.name), "fingerprint": model_fingerprint(model), "special_prefix": special_prefix(tokenizer),
             "editor": editor_name(cfg, editor),
             "stats": getattr(editor, "stats_digest", None),
-            "editor_config": OmegaConf.to_container(cfg.editor, resolve=True),
+            "editor_config": outcome_config(OmegaConf.to_container(cfg.editor, resolve=True), model.device.type == "cuda"),
             "model_rome": OmegaConf.to_container(cfg.model.get("rome", {}), resolve=True),
             "data": str(cfg.data.path or DEV_FILE), "gen": OmegaConf.to_container(cfg.gen, resolve=True) if cfg.gen else False,
             "pre": bool(cfg.pre), "seed": int(cfg.seed), "edits": str(cfg.edits) if cfg.edits else None}
+
+
+EXECUTION_ONLY = {"cuda_graph"}  # how v* steps run, not what they compute (graphed steps equal eager ones)
+GPU_ONLY = {"tf32", "bf16"}       # change the numbers on a GPU only
+
+
+def outcome_config(editor_config: dict, on_gpu: bool) -> dict:
+    """The editor options that can change a run's numbers on this device (a run resumes across the others)."""
+    ignored = EXECUTION_ONLY | (set() if on_gpu else GPU_ONLY)
+    return {k: v for k, v in editor_config.items() if k not in ignored}
 
 
 def check_settings(out_dir: Path, settings: dict) -> None:
@@ -54,6 +64,10 @@ def check_settings(out_dir: Path, settings: dict) -> None:
     path = out_dir / "settings.json"
     if path.is_file():
         saved = json.loads(path.read_text())
+        if isinstance(saved.get("editor_config"), dict):  # runs written before outcome_config kept every option
+            current = settings["editor_config"]
+            saved["editor_config"] = {k: v for k, v in saved["editor_config"].items()
+                                      if k in current or k not in EXECUTION_ONLY | GPU_ONLY}
         changed = sorted(k for k in settings if saved.get(k, "(absent)") != settings[k])
         if changed:
             raise FacteditError(f"{out_dir} holds a run with other settings ({', '.join(changed)} differ): "

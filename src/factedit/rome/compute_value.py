@@ -69,9 +69,10 @@ class ValueOptimizer(lightning.LightningModule):
     reaches); fast=True also unembeds only the positions the loss reads. fast=False, live=None is
     the straightforward full forward with logits at every position, for comparison.
     cuda_graph (GPU and live only): after GRAPH_WARMUP eager steps, each step — forward, backward,
-    Adam, clamp — is one CUDA graph replay. Optimization is manual (one `step` holds all of it), so
-    a replayed step does not pass through Lightning's optimizer wrapper: trainer.global_step
-    does not count graphed fits; `history` has every step.
+    Adam, clamp — is one CUDA graph replay, and the host reads a step's losses while the next one
+    replays. Optimization is manual (one `step` holds all of it), so a replayed step does not pass
+    through Lightning's optimizer wrapper: trainer.global_step does not count graphed fits;
+    `history` has every step.
     """
 
     def __init__(self, model, batch: dict, layer: int, *, live: LiveBatch | None = None, role="rewrite", v_lr=0.5,
@@ -91,13 +92,17 @@ class ValueOptimizer(lightning.LightningModule):
         with torch.no_grad():
             values = self._rewrite_outputs()
             self.register_buffer("initial_value", values[0, self.subject_pos[0]].clone())  # v₀
-            kl_logits = self._kl_logits(self._final_hidden(torch.zeros_like(self.initial_value)))
+            if live is not None:  # the frozen run already went through the model at δ = 0
+                kl_logits = logits_from_hidden(model, live.initial_final_hidden[self.n_prompts:])
+            else:
+                kl_logits = self._kl_logits(self._final_hidden(torch.zeros_like(self.initial_value)))
             self.register_buffer("initial_kl_log_probs", kl_logits.log_softmax(-1))
         self.delta = torch.nn.Parameter(torch.zeros_like(self.initial_value))
         self.history: list[dict] = []
         self.cuda_graph = bool(cuda_graph) and live is not None and self.initial_value.is_cuda
         self.bf16 = bool(bf16) and self.initial_value.is_cuda
         self._graph, self._graph_losses, self._eager_steps = None, None, 0
+        self._pending, self._delta_before = None, None  # the replayed step whose losses are not read yet; δ before it
 
     @property
     def model(self):
@@ -161,7 +166,8 @@ class ValueOptimizer(lightning.LightningModule):
     def graphed_step(self) -> torch.Tensor:
         """`step` replayed from a CUDA graph. The first GRAPH_WARMUP steps run eagerly on a side
         stream (capture needs warmed-up kernels and optimizer state) and count as real steps; the
-        graph is captured after them and replays every later step with the same tensors."""
+        graph is captured after them and replays every later step with the same tensors. Each
+        replay first keeps the δ it starts from in `_delta_before` (see `training_step`)."""
         if self._graph is not None:
             self._graph.replay()
             return self._graph_losses
@@ -173,9 +179,10 @@ class ValueOptimizer(lightning.LightningModule):
         torch.cuda.current_stream().wait_stream(side)
         self._eager_steps += 1
         if self._eager_steps == GRAPH_WARMUP:
-            graph = torch.cuda.CUDAGraph()
+            graph, self._delta_before = torch.cuda.CUDAGraph(), torch.empty_like(self.delta)
             try:
                 with torch.cuda.graph(graph):
+                    self._delta_before.copy_(self.delta)
                     self._graph_losses = self.step(optimizer)
             except RuntimeError as error:  # a kernel that cannot be captured: the later steps run eagerly
                 log.warning("v* runs without CUDA graphs (%s)", str(error).splitlines()[0])
@@ -196,24 +203,61 @@ class ValueOptimizer(lightning.LightningModule):
         self.model.eval()  # the Trainer put everything in train mode; the frozen model has dropout
 
     def training_step(self, _batch, _index):
-        losses = self.graphed_step() if self.cuda_graph else self.step(self.optimizers())
-        values = dict(zip(LOSS_NAMES, losses.tolist()))  # the one host sync of a step
+        """One step. Once the graph replays, step i's losses are read while step i + 1 already runs
+        on the GPU (the host's per-step work overlaps the replay); when step i's loss is below the
+        threshold, step i + 1 is undone (δ goes back to `_delta_before`), so δ and `history` are
+        those of the fit that stopped after step i."""
+        if self._graph is None:  # eager steps, and the warm-up step before the capture
+            losses = self.graphed_step() if self.cuda_graph else self.step(self.optimizers())
+            self._record(losses.tolist())
+            return
+        self.graphed_step()
+        previous, self._pending = self._pending, _copy_to_host(self._graph_losses)
+        if previous is not None:
+            self._record(_read(previous))
+            if self.trainer.should_stop:
+                with torch.no_grad():
+                    self.delta.copy_(self._delta_before)
+                self._pending = None
+
+    def _record(self, losses: list[float], log_it=True):
+        """Keep one step's losses (LOSS_NAMES order) in `history`; stop below the loss threshold."""
+        values = dict(zip(LOSS_NAMES, losses))
         if not math.isfinite(values["loss"]):
             raise FacteditError(f"the value optimization diverged (loss {values['loss']}): lower editor v_lr or model.rome.v_lr")
         self.history.append({k: round(v, 5) for k, v in values.items()})
-        self.log("loss", values["loss"], on_step=True, prog_bar=True)  # each logged value costs ~1 ms of Lightning
-        if self.trainer.loggers:
-            self.log_dict({k: v for k, v in values.items() if k != "loss"}, on_step=True)
+        if log_it:
+            self.log("loss", values["loss"], on_step=True, prog_bar=True)  # each logged value costs ~1 ms of Lightning
+            if self.trainer.loggers:
+                self.log_dict({k: v for k, v in values.items() if k != "loss"}, on_step=True)
         if values["loss"] < self.loss_threshold:
             self.trainer.should_stop = True
 
     def on_train_end(self):
-        self._graph = self._graph_losses = self.delta.grad = None  # frees the graph's memory pool
+        if self._pending is not None:  # the last replayed step's losses (Lightning allows no logging here)
+            self._record(_read(self._pending), log_it=False)
+        self._graph = self._graph_losses = self._pending = self._delta_before = self.delta.grad = None  # frees the graph's pool
 
     @property
     def target_value(self) -> torch.Tensor:
         """v* = v₀ + δ, shape (d_model,)."""
         return (self.initial_value + self.delta).detach()
+
+
+def _copy_to_host(losses: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Queue a copy of a step's losses to pinned host memory; returns the buffer and its event."""
+    buffer = torch.empty(losses.shape, dtype=losses.dtype, pin_memory=True)
+    buffer.copy_(losses, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return buffer, done
+
+
+def _read(pending: tuple[torch.Tensor, torch.cuda.Event]) -> list[float]:
+    """Wait for a `_copy_to_host` copy only (not for the work queued after it) and read it."""
+    buffer, done = pending
+    done.synchronize()
+    return buffer.tolist()
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ positions s_r, s_r + 1, ... of each row. Inside the block, `model(**live.inputs)
 forward computes at those positions (tested against it in float64).
 """
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -55,12 +56,15 @@ class LiveBatch:
 
     inputs: keyword arguments for the model (input_ids and position_ids (rows, n_live), a 4-D
     attention mask (rows, 1, n_live, n_frozen + n_live), the frozen keys/values);
-    subject_pos: (rows,) zeros; target_pos: (T, n_target) indices into the live positions.
+    subject_pos: (rows,) zeros; target_pos: (T, n_target) indices into the live positions;
+    initial_final_hidden: (rows, d_model) the final norm's output at each row's subject token at
+    δ = 0, from the frozen run (the KL term's reference distribution needs no forward of its own).
     """
 
     inputs: dict
     subject_pos: torch.Tensor
     target_pos: torch.Tensor
+    initial_final_hidden: torch.Tensor
 
 
 def can_freeze(model, batch: dict) -> bool:
@@ -88,12 +92,14 @@ def _frozen_run(model, layer: int, batch: dict):
     """One full forward at δ = 0: layer L's input and the final norm's output (rows, seq, d), and
     every layer's keys/values."""
     name, final = module_name(model, "layer", layer), module_name(model, "final_norm")
-    returns_tuple = []
+    returns_tuple, skip_logits = [], {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        skip_logits["logits_to_keep"] = 1  # the run needs hidden states and keys/values, not the vocabulary
     handle = get_module(model, module_name(model, "layer", 0)).register_forward_hook(
         lambda module, inputs, output: returns_tuple.append(isinstance(output, tuple)))
     try:
         with torch.no_grad(), Trace(model, [name, final], retain_input=True) as trace:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True, **skip_logits)
     finally:
         handle.remove()
     cache = getattr(out, "cache", None)  # transformers >= 5.2x; earlier: past_key_values
@@ -150,7 +156,8 @@ def frozen_context(model, layer: int, batch: dict):
     live = LiveBatch(
         inputs={"input_ids": batch["input_ids"].gather(1, index), "position_ids": positions, "attention_mask": mask,
                 cache_parameter(model.forward) or "past_key_values": cache, "use_cache": True},
-        subject_pos=torch.zeros_like(first), target_pos=batch["target_pos"] - first[:n_prompts, None])
+        subject_pos=torch.zeros_like(first), target_pos=batch["target_pos"] - first[:n_prompts, None],
+        initial_final_hidden=final_hidden[torch.arange(len(first), device=first.device), first])
     layers = get_module(model, architecture_of(model).layers)
     originals = [layers[i] for i in range(layer)]
     try:
