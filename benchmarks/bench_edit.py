@@ -108,7 +108,7 @@ def main():
             for k, v in {**edits[0].info["seconds"], **edits[0].info["value_seconds"]}.items():
                 seconds[k] += v / len(facts)
             if args.shape:  # random weights: how far v* got (the same for every path, up to rounding)
-                quality.append((edits[0].info["final_loss"], edits[0].info["p_target"], float("nan")))
+                quality.append((edits[0].info["final_loss"], edits[0].info["p_target"], edits[0].info["steps"]))
             else:
                 quality.append((first_token_prob(model, tokenizer, fact.text, fact.target_new),
                                 first_token_prob(model, tokenizer, fact.generalization_probes[0], fact.target_new),
@@ -119,7 +119,7 @@ def main():
         print(f"{label}: {rows[label][1]:.3f} s/edit", flush=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}, model: {args.shape or 'smollm2_135m'}, layer {layer}, {steps} max steps, {len(facts)} facts")
-    columns = ("final loss | P(target) | -" if args.shape else "P(new) edit | P(new) paraphrase | P(new) neighbour")
+    columns = ("final loss | P(target) | v* steps" if args.shape else "P(new) edit | P(new) paraphrase | P(new) neighbour")
     reference = REFERENCE_H200.get(args.shape) if device == "cuda" else None
     print(f"| path | templates s | key s | v* s (prepare + fit) | update s | total s/edit | speed-up | vs reference | {columns} |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

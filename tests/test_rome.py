@@ -252,3 +252,20 @@ def test_target_the_model_already_gives_is_an_error(smollm2):
     with pytest.raises(FacteditError, match="already answers 'Paris'"):
         edit(model, tokenizer, Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Paris"),
              stats={5: torch.eye(1536)}, hparams={"layer": 5})
+
+
+def test_stop_on_nll_bounds_the_target_nll_instead_of_the_whole_loss(tiny_llama):
+    """stop_on=nll ends the fit after the first step whose target NLL is below loss_threshold,
+    where ROME's rule (the whole loss, weight decay and KL included) keeps going."""
+    model, tokenizer = tiny_llama
+    hparams = dict(v_num_grad_steps=6, loss_threshold=0.0)
+    full = compute_value(model, tokenizer, FACT, 1, TEMPLATES, hparams).history
+    nlls = [h["nll"] for h in full]
+    stop = next(k for k in range(1, 6) if nlls[k] < min(nlls[:k]) - 1e-3)
+    threshold = (nlls[stop] + min(nlls[:stop])) / 2
+    assert all(h["loss"] >= threshold for h in full)
+    by_nll, by_loss = (compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "loss_threshold": threshold, "stop_on": on}).history
+                       for on in ("nll", "loss"))
+    assert by_nll == full[:stop + 1] and by_loss == full
+    with pytest.raises(FacteditError, match="stop_on='kl': loss_threshold bounds"):
+        compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "stop_on": "kl"})

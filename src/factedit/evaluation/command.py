@@ -59,15 +59,23 @@ def outcome_config(editor_config: dict, on_gpu: bool) -> dict:
     return {k: v for k, v in editor_config.items() if k not in ignored}
 
 
+def _as_now(saved: dict, current: dict) -> dict:
+    """A saved run's editor options as this version would write them: without execution-only options
+    (older runs kept them), and with options added since at their defaults (which keep the old behaviour)."""
+    from factedit.rome.rome import DEFAULT_HPARAMS
+
+    kept = {k: v for k, v in saved.items() if k in current or k not in EXECUTION_ONLY | GPU_ONLY}
+    added = {k: v for k, v in current.items() if k not in saved and k in DEFAULT_HPARAMS and v == DEFAULT_HPARAMS[k]}
+    return {**kept, **added}
+
+
 def check_settings(out_dir: Path, settings: dict) -> None:
     """Write settings.json for a new run; refuse to resume a run made with other settings."""
     path = out_dir / "settings.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        if isinstance(saved.get("editor_config"), dict):  # runs written before outcome_config kept every option
-            current = settings["editor_config"]
-            saved["editor_config"] = {k: v for k, v in saved["editor_config"].items()
-                                      if k in current or k not in EXECUTION_ONLY | GPU_ONLY}
+        if isinstance(saved.get("editor_config"), dict):
+            saved["editor_config"] = _as_now(saved["editor_config"], settings["editor_config"])
         changed = sorted(k for k in settings if saved.get(k, "(absent)") != settings[k])
         if changed:
             raise FacteditError(f"{out_dir} holds a run with other settings ({', '.join(changed)} differ): "

@@ -76,7 +76,7 @@ class ValueOptimizer(lightning.LightningModule):
     """
 
     def __init__(self, model, batch: dict, layer: int, *, live: LiveBatch | None = None, role="rewrite", v_lr=0.5,
-                 v_weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625, loss_threshold=0.05, fast=True,
+                 v_weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625, loss_threshold=0.05, stop_on="loss", fast=True,
                  v_num_grad_steps=20, cuda_graph=False, bf16=False, **_unused):
         super().__init__()
         self.automatic_optimization = False
@@ -88,6 +88,9 @@ class ValueOptimizer(lightning.LightningModule):
         self.final_norm = module_name(model, "final_norm")
         self.lr, self.weight_decay, self.clamp, self.kl_factor = v_lr, v_weight_decay, clamp_norm_factor, kl_factor
         self.loss_threshold, self.fast, self.steps = loss_threshold, fast, int(v_num_grad_steps)
+        if stop_on not in ("loss", "nll"):
+            raise FacteditError(f"stop_on={stop_on!r}: loss_threshold bounds the whole loss (stop_on=loss, ROME) or the target NLL (stop_on=nll)")
+        self.stop_on = stop_on
         self.n_prompts = batch["target_pos"].shape[0]
         with torch.no_grad():
             values = self._rewrite_outputs()
@@ -230,7 +233,7 @@ class ValueOptimizer(lightning.LightningModule):
             self.log("loss", values["loss"], on_step=True, prog_bar=True)  # each logged value costs ~1 ms of Lightning
             if self.trainer.loggers:
                 self.log_dict({k: v for k, v in values.items() if k != "loss"}, on_step=True)
-        if values["loss"] < self.loss_threshold:
+        if values[self.stop_on] < self.loss_threshold:
             self.trainer.should_stop = True
 
     def on_train_end(self):

@@ -18,7 +18,7 @@ from factedit.rome.update import rank_one_update
 log = logging.getLogger(__name__)
 
 DEFAULT_HPARAMS = dict(layer=5, v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
-                       kl_factor=0.0625, loss_threshold=0.05, context_templates=[[5, 10], [10, 10]], update="fixed",
+                       kl_factor=0.0625, loss_threshold=0.05, stop_on="loss", context_templates=[[5, 10], [10, 10]], update="fixed",
                        fast=True, tf32=True, cuda_graph=True, bf16=False, seed=0, role="rewrite")
 
 
