@@ -48,7 +48,8 @@ def first_token_prob(model, tokenizer, prompt, word):
 REFERENCE_H200 = {"gpt2-xl": 1.72, "gpt-j": 4.8, "llama-7b": 6.8}  # EasyEdit's ROME, s/edit, fp32 (issue #4)
 STEPS = {"llama-7b": 25}
 # (label, hparams) of each path.
-CPU_PATHS = [("straightforward", dict(fast=False)), ("fast", dict(fast=True))]
+CPU_PATHS = [("straightforward", dict(fast=False)), ("fast", dict(fast=True)),
+             ("fast, stop_on=nll", dict(fast=True, stop_on="nll"))]
 GPU_PATHS = [("straightforward fp32", dict(fast=False, tf32=False)),
              ("fast tf32", dict(fast=True, tf32=True, cuda_graph=False)),
              ("fast tf32 + graphs (default)", dict(fast=True, tf32=True, cuda_graph=True)),
@@ -108,9 +109,9 @@ def main():
             for k, v in {**edits[0].info["seconds"], **edits[0].info["value_seconds"]}.items():
                 seconds[k] += v / len(facts)
             if args.shape:  # random weights: how far v* got (the same for every path, up to rounding)
-                quality.append((edits[0].info["final_loss"], edits[0].info["p_target"], edits[0].info["steps"]))
+                quality.append((edits[0].info["steps"], edits[0].info["final_loss"], edits[0].info["p_target"]))
             else:
-                quality.append((first_token_prob(model, tokenizer, fact.text, fact.target_new),
+                quality.append((edits[0].info["steps"], first_token_prob(model, tokenizer, fact.text, fact.target_new),
                                 first_token_prob(model, tokenizer, fact.generalization_probes[0], fact.target_new),
                                 first_token_prob(model, tokenizer, fact.specificity_probes[0], fact.target_new)))
             revert_edits(model, edits.backup)
@@ -119,17 +120,18 @@ def main():
         print(f"{label}: {rows[label][1]:.3f} s/edit", flush=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}, model: {args.shape or 'smollm2_135m'}, layer {layer}, {steps} max steps, {len(facts)} facts")
-    columns = ("final loss | P(target) | v* steps" if args.shape else "P(new) edit | P(new) paraphrase | P(new) neighbour")
+    columns = ("v* steps | final loss | P(target)" if args.shape else "v* steps | P(new) edit | P(new) paraphrase | P(new) neighbour")
     reference = REFERENCE_H200.get(args.shape) if device == "cuda" else None
     print(f"| path | templates s | key s | v* s (prepare + fit) | update s | total s/edit | speed-up | vs reference | {columns} |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (8 + columns.count("|") + 1) + "|")
     baseline = next(iter(rows.values()))[1]
     for label, (seconds, total, quality) in rows.items():
-        mean = lambda i: f"{sum(q[i] for q in quality) / len(quality):.3f}" if quality else "-"
+        mean = lambda i: f"{sum(q[i] for q in quality) / len(quality):{'.1f' if i == 0 else '.3f'}}" if quality else "-"
         versus = f"{reference / total:.1f}x" if reference else "-"
         print(f"| {label} | {seconds['templates']:.2f} | {seconds['key']:.2f} | "
               f"{seconds['value']:.2f} ({seconds['prepare']:.2f} + {seconds['fit']:.2f}) | "
-              f"{seconds['update']:.2f} | {total:.3f} | {baseline / total:.2f}x | {versus} | {mean(0)} | {mean(1)} | {mean(2)} |")
+              f"{seconds['update']:.2f} | {total:.3f} | {baseline / total:.2f}x | {versus} | "
+              + " | ".join(mean(i) for i in range(len(quality[0]))) + " |")
 
 
 if __name__ == "__main__":
