@@ -40,6 +40,31 @@ def test_update_writes_the_pair_and_nothing_c_orthogonal():
     assert torch.allclose(delta_weight(u, lam), reference, atol=1e-10)
 
 
+def test_two_key_update_shifts_both_keys_by_the_same_residual():
+    """two_keys: still rank one; (W + ΔW)k̄ = v* and the second key moves by the same v* − W k̄;
+    keys C⁻¹-orthogonal to both are untouched; u is the C-smallest such vector (float64)."""
+    g = torch.Generator().manual_seed(2)
+    weight, key, bare, target = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((6, 10), (10,), (10,), (6,)))
+    second_moment = random_second_moment(10)
+    u, lam = rank_one_update(weight, second_moment, key, target, also_key=bare)
+    change = delta_weight(u, lam)
+    assert torch.allclose((weight + change) @ key, target, atol=1e-12)
+    assert torch.allclose(change @ bare, target - weight @ key, atol=1e-12)
+    whitened = torch.linalg.solve(second_moment, torch.stack([key, bare], dim=1))  # C⁻¹k̄, C⁻¹k₀
+    other = torch.randn(10, generator=g, dtype=torch.float64)
+    basis = torch.linalg.qr(whitened).Q
+    orthogonal = other - basis @ (basis.T @ other)
+    assert torch.allclose(change @ orthogonal, torch.zeros(6, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(u @ key, torch.tensor(1.0, dtype=torch.float64)) and torch.allclose(u @ bare, u @ key)
+    keys_basis = torch.linalg.qr(torch.stack([key, bare], dim=1)).Q
+    z = torch.randn(10, generator=g, dtype=torch.float64)
+    alternative = u + (z - keys_basis @ (keys_basis.T @ z))  # meets uᵀk̄ = uᵀk₀ = 1 as well
+    assert torch.allclose(alternative @ bare, u @ bare) and u @ second_moment @ u < alternative @ second_moment @ alternative
+    # a second key along k̄ adds no condition: the plain update
+    plain = delta_weight(*rank_one_update(weight, second_moment, key, target))
+    assert torch.allclose(delta_weight(*rank_one_update(weight, second_moment, key, target, also_key=2 * key)), plain, atol=1e-9)
+
+
 def test_update_rejects_mismatched_statistics():
     with pytest.raises(FacteditError, match="stats file belongs to another module"):
         rank_one_update(torch.zeros(6, 10), torch.eye(8), torch.ones(10), torch.ones(6))
@@ -269,3 +294,23 @@ def test_stop_on_nll_bounds_the_target_nll_instead_of_the_whole_loss(tiny_llama)
     assert by_nll == full[:stop + 1] and by_loss == full
     with pytest.raises(FacteditError, match="stop_on='kl': loss_threshold bounds"):
         compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "stop_on": "kl"})
+
+
+@pytest.mark.parametrize("update", ["fixed", "two_keys"])
+def test_bare_prompt_key_gets_the_whole_shift_only_with_two_keys(tiny_llama, update):
+    """With the fixed update the edit prompt's own key k₀ gets the fraction uᵀk₀ / uᵀk̄ of the shift
+    δ = v* − W k̄ written at k̄; with update=two_keys it gets all of it."""
+    model, tokenizer = tiny_llama
+    weight = as_out_in(model, rewrite_weight(model, 1))
+    bare = subject_keys(model, tokenizer, [FACT.prompt], FACT.subject, 1)[0].double()
+    before = weight.double() @ bare
+    edits = edit(model, tokenizer, FACT, stats=_stats_for(model), hparams={**HP, "update": update})
+    try:
+        u, lam, key = (t.double() for t in (edits[0].u, edits[0].v, edits[0].key))
+        shift = lam * (u @ key)  # ΔW k̄ = v* − W k̄
+        moved = as_out_in(model, rewrite_weight(model, 1)).double() @ bare - before
+        fraction = float(u @ bare / (u @ key))
+        assert torch.allclose(moved, fraction * shift, atol=1e-4) and shift.norm() > 0
+        assert (abs(fraction - 1) < 1e-6) == (update == "two_keys")
+    finally:
+        revert_edits(model, edits.backup)

@@ -16,6 +16,7 @@ from factedit.rome.facts import Fact, fact_from_config
 from factedit.rome.update import rank_one_update
 
 log = logging.getLogger(__name__)
+UPDATES = ("fixed", "original", "two_keys")  # see update.py
 
 DEFAULT_HPARAMS = dict(layer=5, v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
                        kl_factor=0.0625, loss_threshold=0.05, stop_on="loss", context_templates=[[5, 10], [10, 10]], update="fixed",
@@ -74,13 +75,13 @@ def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict
     delta = value.delta.detach().double()
     timings["value"], start = time.perf_counter() - start, time.perf_counter()
     weight = as_out_in(model, get_module(model, module_name(model, role, layer)).weight)
-    residual_key = key
-    if hp["update"] == "original":  # the reference code: residual and denominator at the bare prompt's key
-        residual_key = subject_keys(model, tokenizer, [fact.prompt], fact.subject, layer, role)[0].double()
-    elif hp["update"] != "fixed":
-        raise FacteditError(f"editor.update must be 'fixed' or 'original', not {hp['update']!r}")
+    if hp["update"] not in UPDATES:
+        raise FacteditError(f"editor.update must be one of {', '.join(UPDATES)}, not {hp['update']!r}")
+    bare_key = subject_keys(model, tokenizer, [fact.prompt], fact.subject, layer, role)[0].double() if hp["update"] != "fixed" else None
+    residual_key = bare_key if hp["update"] == "original" else key  # the reference code: the bare prompt's key
     target_value = weight.double() @ residual_key + delta  # v*: the value the key should now produce
-    u, lam = rank_one_update(weight, second_moment.to(weight.device), key, target_value, residual_key=residual_key)
+    u, lam = rank_one_update(weight, second_moment.to(weight.device), key, target_value, residual_key=residual_key,
+                             also_key=bare_key if hp["update"] == "two_keys" else None)
     timings["update"] = time.perf_counter() - start
     info = {"steps": len(value.history), "final_loss": value.history[-1]["loss"] if value.history else None,
             "p_target": value.history[-1]["p_target"] if value.history else None,

@@ -6,6 +6,10 @@
 
 `update="original"` reproduces the reference code, which takes the residual and the denominator
 at the bare prompt's key instead of k̄ (a known cause of edits that disable the model).
+`update="two_keys"` keeps ΔW rank one but picks u so that k̄ and the bare prompt's key k₀ both get
+the shift the value optimization assumed: u is the C-smallest vector with uᵀk̄ = uᵀk₀ = 1, so
+ΔW k̄ = ΔW k₀ = v* − W k̄ = δ. (With u = C⁻¹k̄, k₀ only gets the fraction uᵀk₀ / uᵀk̄ of δ, which is
+small for some prompts that begin with the subject.)
 """
 import torch
 
@@ -13,12 +17,14 @@ from factedit.errors import FacteditError
 
 
 def rank_one_update(weight: torch.Tensor, second_moment: torch.Tensor, key: torch.Tensor, target_value: torch.Tensor,
-                    *, residual_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    *, residual_key: torch.Tensor | None = None, also_key: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (u, Λ) of ΔW = Λ uᵀ, in float64.
 
     weight: W (d_model, d_mlp) in out×in orientation; second_moment: C (d_mlp, d_mlp);
     key: k̄ (d_mlp,); target_value: v* (d_model,); residual_key: the key used in the residual and the
-    denominator (default k̄; the reference implementation passes the bare prompt's key).
+    denominator (default k̄; the reference implementation passes the bare prompt's key); also_key:
+    k₀ (d_mlp,), a second key that gets the same shift as k̄ (two_keys).
     Returns u (d_mlp,), Λ (d_model,).
     """
     weight, second_moment, key, target_value = (t.detach().double() for t in (weight, second_moment, key, target_value))
@@ -26,12 +32,21 @@ def rank_one_update(weight: torch.Tensor, second_moment: torch.Tensor, key: torc
     if weight.shape != (target_value.numel(), key.numel()) or second_moment.shape != (key.numel(), key.numel()):
         raise FacteditError(f"shape mismatch: W {tuple(weight.shape)}, C {tuple(second_moment.shape)}, k {tuple(key.shape)}, "
                             f"v {tuple(target_value.shape)}: the stats file belongs to another module")
-    u = torch.linalg.solve(second_moment, key)
+    u = torch.linalg.solve(second_moment, key) if also_key is None else two_key_direction(second_moment, key, also_key.detach().double())
     denominator = u @ residual_key
     if not torch.isfinite(denominator) or denominator.abs() < 1e-12:
         raise FacteditError("the key statistics are singular for this key (uᵀk ≈ 0): recompute stats with more tokens")
     residual = target_value - weight @ residual_key
     return u, residual / denominator
+
+
+def two_key_direction(second_moment: torch.Tensor, key: torch.Tensor, also_key: torch.Tensor) -> torch.Tensor:
+    """The u (d_mlp,) of least uᵀCu with uᵀk̄ = uᵀk₀ = 1: u = C⁻¹K (KᵀC⁻¹K)⁺ 1 for K = [k̄ k₀].
+    (The pseudo-inverse: when k₀ ∥ k̄ the two conditions are one, and u = C⁻¹k̄ / k̄ᵀC⁻¹k̄.)"""
+    keys = torch.stack([key, also_key], dim=1)  # (d_mlp, 2)
+    whitened = torch.linalg.solve(second_moment, keys)
+    gram = keys.T @ whitened
+    return whitened @ (torch.linalg.pinv(gram, hermitian=True, rtol=1e-10) @ torch.ones(2, dtype=gram.dtype, device=gram.device))
 
 
 def delta_weight(u: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
