@@ -64,6 +64,8 @@ def _check_not_known(model, tokenizer, fact: Fact) -> None:
 def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict, trainer_kwargs=None) -> Edit:
     """Compute one ROME edit on the current weights (the model is left unchanged)."""
     layer = check_layer(model, hp["layer"])
+    if hp["update"] not in UPDATES:  # before the v* fit, not after it
+        raise FacteditError(f"editor.update must be one of {', '.join(UPDATES)}, not {hp['update']!r}")
     _check_not_known(model, tokenizer, fact)
     timings, start = {}, time.perf_counter()
     templates = context_templates(model, tokenizer, hp["context_templates"], seed=int(hp["seed"]))
@@ -75,8 +77,6 @@ def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict
     delta = value.delta.detach().double()
     timings["value"], start = time.perf_counter() - start, time.perf_counter()
     weight = as_out_in(model, get_module(model, module_name(model, role, layer)).weight)
-    if hp["update"] not in UPDATES:
-        raise FacteditError(f"editor.update must be one of {', '.join(UPDATES)}, not {hp['update']!r}")
     bare_key = subject_keys(model, tokenizer, [fact.prompt], fact.subject, layer, role)[0].double() if hp["update"] != "fixed" else None
     residual_key = bare_key if hp["update"] == "original" else key  # the reference code: the bare prompt's key
     target_value = weight.double() @ residual_key + delta  # v*: the value the key should now produce
