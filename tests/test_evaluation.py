@@ -25,7 +25,7 @@ from factedit.evaluation.metrics import CounterFactMetrics, EditScore, RecordMea
 from factedit.evaluation.module import CounterFactEvaluator
 from factedit.evaluation.probabilities import (measure_record, pack_rows, pair_tokens, record_pairs, record_scores,
                                                target_nlls, target_nlls_straightforward)
-from factedit.evaluation.report import compare
+from factedit.evaluation.report import change_from_unedited, compare
 from factedit.paths import CONFIG_DIR, REPO_ROOT
 from factedit.rome import edit
 
@@ -155,6 +155,31 @@ def test_tfidf_is_sklearn_weighting_with_cosine():
 
 # ---------------------------------------------------------------- baselines
 
+def _line(pre: tuple, post: tuple) -> dict:
+    keys = ("efficacy_score", "paraphrase_score", "neighborhood_score")
+    return {"scores": {"pre": dict(zip(keys, pre)), "post": dict(zip(keys, post))}}
+
+
+def test_change_from_unedited_is_a_paired_bootstrap_of_the_mean_change():
+    # the same change in every record: no spread, the interval is that value
+    same = change_from_unedited([_line((0, 0.5, 0.9), (1, 1.0, 0.8))] * 40)
+    assert same["efficacy_score"] == {"mean": 100.0, "low": 100.0, "high": 100.0, "records": 40}
+    assert same["neighborhood_score"]["low"] == pytest.approx(-10.0) == same["neighborhood_score"]["high"]
+    # paired: pre and post move together record by record (pre varies a lot, the change does not), so the
+    # interval stays narrow; an unpaired resampling would be ~10x wider
+    generator = torch.Generator().manual_seed(1)
+    pre = torch.rand(400, generator=generator, dtype=torch.float64)
+    change = 0.02 * torch.randn(400, generator=generator, dtype=torch.float64) - 0.03
+    lines = [_line((1, 1, p), (1, 1, p + c)) for p, c in zip(pre.tolist(), change.tolist())]
+    lines.append({"case_id": 7, "error": "failed"})  # failed records carry no scores and are left out
+    ns = change_from_unedited(lines)["neighborhood_score"]
+    normal = 1.96 * 100 * change.std().item() / 400 ** 0.5  # the bootstrap of a mean of 400 is close to normal
+    assert ns["records"] == 400 and ns["mean"] == pytest.approx(100 * change.mean().item(), abs=1e-9)
+    assert ns["low"] < ns["mean"] < ns["high"]
+    assert ns["high"] - ns["mean"] == pytest.approx(normal, rel=0.2) and ns["mean"] - ns["low"] == pytest.approx(normal, rel=0.2)
+    assert change_from_unedited([{"scores": {"post": {}}}]) == {}  # pre=false: nothing to compare
+
+
 def test_ft_l_stays_in_the_linf_ball_and_ft_lowers_the_loss(tiny_llama):
     model, tokenizer = tiny_llama
     fact, weight = RECORD.to_fact(), rewrite_weight(model, 1)
@@ -234,6 +259,9 @@ def test_ft_run_writes_lines_and_a_summary_and_resumes(tmp_path):
         assert summary["post"][key] == pytest.approx(100 * sum(l["scores"]["post"][key] for l in lines) / 2, abs=1e-9)
     assert summary["post"]["generation_entropy"] == pytest.approx(
         100 * sum(l["generation"]["generation_entropy"] for l in lines) / 2, abs=1e-9)
+    ns_change = sum(l["scores"]["post"]["neighborhood_score"] - l["scores"]["pre"]["neighborhood_score"] for l in lines) / 2
+    assert summary["change"]["neighborhood_score"]["mean"] == pytest.approx(100 * ns_change, abs=1e-9)
+    assert "Change from the unedited model" in (out / "summary.md").read_text()
     # a killed run: the last line was cut in half; the rerun measures only that record again
     text = (out / "records.jsonl").read_text().splitlines()
     (out / "records.jsonl").write_text(text[0] + "\n" + text[1][:40])

@@ -12,7 +12,7 @@ from factedit.data.counterfact import DEV_FILE, CounterFactDataModule, Record, S
 from factedit.errors import FacteditError
 from factedit.evaluation.editors import SavedEdits, make_editor
 from factedit.evaluation.module import CounterFactEvaluator, drop_incomplete_line, read_lines
-from factedit.evaluation.report import build_summary, compare, write_run_report
+from factedit.evaluation.report import build_summary, change_from_unedited, compare, write_run_report
 from factedit.io import write_json
 from factedit.models import load_model, model_fingerprint
 from factedit.paths import CHECKPOINT_DIR, REPO_ROOT
@@ -166,6 +166,8 @@ def run(cfg) -> Path | None:
     info = {"run": out_dir.name, "editor": name, "label": cfg.label or name, "model": str(cfg.model.name), "data": str(cfg.data.path or DEV_FILE),
             "limit": cfg.data.limit, "devices": devices, "gen": gen, "seconds_this_run": round(seconds, 1),
             "records_this_run": new, "records_per_second": round(new / seconds, 4) if new else None}
-    print(write_run_report(out_dir, build_summary(evaluator.summary, info=info, skipped=skipped, failed_ids=failed)))
+    summary = build_summary(evaluator.summary, info=info, skipped=skipped, failed_ids=failed,
+                            change=change_from_unedited(results.values(), seed=int(cfg.seed)))
+    print(write_run_report(out_dir, summary))
     log.info("wrote %s (summary.json, summary.md, summary.png, records.jsonl)", out_dir)
     return out_dir

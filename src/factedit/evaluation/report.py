@@ -14,6 +14,7 @@ from factedit.io import write_json
 TABLE_KEYS = ("score", "efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_magnitude",
               "paraphrase_magnitude", "neighborhood_magnitude", "generation_entropy", "reference_score")
 CHART_KEYS = ("score", "efficacy_score", "paraphrase_score", "neighborhood_score")
+CHANGE_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 
 
 def percent(stage: dict) -> dict:
@@ -21,14 +22,42 @@ def percent(stage: dict) -> dict:
     return {key: None if value is None else 100 * value for key, value in stage.items()}
 
 
-def build_summary(computed: dict, *, info: dict, skipped: list, failed_ids: list) -> dict:
-    """summary.json: run info, counts, and the metrics ×100 (pre = unedited model, post = after each edit)."""
+def change_from_unedited(lines, resamples: int = 2000, seed: int = 0) -> dict:
+    """Post − pre of ES, PS and NS (×100) over the records whose line has both, with a paired
+    bootstrap 95% interval: records are resampled with replacement, keeping each record's pre and post
+    together, and the interval is the 2.5th-97.5th percentile of the resampled mean changes.
+    Returns {metric: {"mean", "low", "high", "records"}}; {} when no line has pre-edit scores."""
+    import torch
+
+    pairs = [(line["scores"]["pre"], line["scores"]["post"]) for line in lines
+             if not line.get("error") and (line.get("scores") or {}).get("pre")]
+    if not pairs:
+        return {}
+    changes = torch.tensor([[post[k] - pre[k] for k in CHANGE_KEYS] for pre, post in pairs], dtype=torch.float64) * 100
+    picks = torch.randint(len(pairs), (resamples, len(pairs)), generator=torch.Generator().manual_seed(seed))
+    means = changes[picks].mean(dim=1)  # (resamples, metrics)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+    return {key: {"mean": changes[:, i].mean().item(), "low": low[i].item(), "high": high[i].item(), "records": len(pairs)}
+            for i, key in enumerate(CHANGE_KEYS)}
+
+
+def change_line(change: dict) -> str:
+    """One markdown line: each metric's change from the unedited model and its 95% interval."""
+    parts = [f"{SHORT[k]} {v['mean']:+.1f} [{v['low']:+.1f}, {v['high']:+.1f}]" for k, v in change.items()]
+    records = next(iter(change.values()))["records"]
+    return f"Change from the unedited model (paired bootstrap 95% interval over {records} records): " + ", ".join(parts) + "."
+
+
+def build_summary(computed: dict, *, info: dict, skipped: list, failed_ids: list, change: dict | None = None) -> dict:
+    """summary.json: run info, counts, the metrics ×100 (pre = unedited model, post = after each edit)
+    and `change`, post − pre per metric with its bootstrap interval (change_from_unedited)."""
     by_relation = {relation: {"records": row["records"], "pre": percent(row["pre"]), "post": percent(row["post"])}
                    for relation, row in computed["by_relation"].items()}
     return {**info, "scale": "x100 (percent; GE = 100 x bits, RS = 100 x cosine)",
             "records": computed["records"], "failed": computed["failed"], "failed_case_ids": failed_ids,
             "skipped": len(skipped), "skipped_records": [vars(s) for s in skipped],
-            "pre": percent(computed["pre"]), "post": percent(computed["post"]), "by_relation": by_relation}
+            "pre": percent(computed["pre"]), "post": percent(computed["post"]), "change": change or {},
+            "by_relation": by_relation}
 
 
 def _cell(value) -> str:
@@ -75,7 +104,10 @@ def run_markdown(summary: dict) -> str:
     title = f"# CounterFact evaluation: {summary.get('editor')} on {summary.get('model')}"
     counts = (f"{summary['records']} records evaluated, {summary['failed']} failed to edit, "
               f"{summary['skipped']} malformed and skipped ({summary.get('data')}).")
-    return "\n\n".join([title, counts, markdown_table(table_rows([summary])), "## Per relation", relation_table(summary)]) + "\n"
+    parts = [title, counts, markdown_table(table_rows([summary]))]
+    if summary.get("change"):
+        parts.append(change_line(summary["change"]))
+    return "\n\n".join(parts + ["## Per relation", relation_table(summary)]) + "\n"
 
 
 def bar_chart(rows: list[tuple[str, int, dict]], path: Path, title: str = "CounterFact") -> None:
