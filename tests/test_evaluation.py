@@ -18,7 +18,7 @@ from factedit.baselines import attention_second_moment, attn_late_hparams, fine_
 from factedit.data.wikipedia import WikipediaDataModule
 from factedit.hooks import Trace
 from factedit.data.counterfact import DEV_FILE, CounterFactDataModule, Record, load_records
-from factedit.evaluation.command import run
+from factedit.evaluation.command import check_settings, run
 from factedit.evaluation.editors import RankOneEdit
 from factedit.evaluation.generation import TfIdf, generation_entropy, ngram_entropy, text_entropy, wikipedia_tfidf
 from factedit.evaluation.metrics import CounterFactMetrics, EditScore, RecordMean, harmonic_mean
@@ -276,6 +276,15 @@ def test_ft_run_writes_lines_and_a_summary_and_resumes(tmp_path):
     # options that change no number on this CPU (how steps run on a GPU) do not block resuming
     assert json.loads((run(compose_cfg(*options, "+editor.cuda_graph=true", "+editor.bf16=true")) / "summary.json")
                       .read_text())["records_this_run"] == 0
+
+
+def test_a_run_saved_before_an_option_existed_resumes_only_with_the_old_behaviour(tmp_path):
+    saved = {"editor": "rome", "editor_config": {"name": "rome", "update": "fixed", "loss_threshold": 0.05, "cuda_graph": True}}
+    (tmp_path / "settings.json").write_text(json.dumps(saved))
+    now = {"editor": "rome", "editor_config": {"name": "rome", "update": "fixed", "loss_threshold": 0.05}}
+    check_settings(tmp_path, {**now, "editor_config": {**now["editor_config"], "stop_on": "loss"}})  # what the old run did
+    with pytest.raises(FacteditError, match="editor_config differ"):
+        check_settings(tmp_path, {**now, "editor_config": {**now["editor_config"], "stop_on": "nll"}})
 
 
 def test_saved_edits_are_measured_without_editing(tmp_path, tiny_llama):

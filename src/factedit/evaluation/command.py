@@ -59,13 +59,16 @@ def outcome_config(editor_config: dict, on_gpu: bool) -> dict:
     return {k: v for k, v in editor_config.items() if k not in ignored}
 
 
-def _as_now(saved: dict, current: dict) -> dict:
-    """A saved run's editor options as this version would write them: without execution-only options
-    (older runs kept them), and with options added since at their defaults (which keep the old behaviour)."""
-    from factedit.rome.rome import DEFAULT_HPARAMS
+# Options an editor gained after runs were already saved, with the behaviour a saved run had without
+# them: a saved config that lacks one of these is read with this value (not today's default, which may differ).
+ADDED_OPTIONS = {"rome": {"stop_on": "loss"}, "attn_late": {"stop_on": "loss"}}
 
+
+def _as_now(saved: dict, current: dict, editor: str) -> dict:
+    """A saved run's editor options as this version would write them: without execution-only options
+    (older runs kept them), and with each option added since (ADDED_OPTIONS) at the value that keeps the old behaviour."""
     kept = {k: v for k, v in saved.items() if k in current or k not in EXECUTION_ONLY | GPU_ONLY}
-    added = {k: v for k, v in current.items() if k not in saved and k in DEFAULT_HPARAMS and v == DEFAULT_HPARAMS[k]}
+    added = {k: v for k, v in ADDED_OPTIONS.get(editor, {}).items() if k in current and k not in saved}
     return {**kept, **added}
 
 
@@ -75,7 +78,7 @@ def check_settings(out_dir: Path, settings: dict) -> None:
     if path.is_file():
         saved = json.loads(path.read_text())
         if isinstance(saved.get("editor_config"), dict):
-            saved["editor_config"] = _as_now(saved["editor_config"], settings["editor_config"])
+            saved["editor_config"] = _as_now(saved["editor_config"], settings["editor_config"], str(saved.get("editor")))
         changed = sorted(k for k in settings if saved.get(k, "(absent)") != settings[k])
         if changed:
             raise FacteditError(f"{out_dir} holds a run with other settings ({', '.join(changed)} differ): "
