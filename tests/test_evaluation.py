@@ -262,6 +262,11 @@ def test_ft_run_writes_lines_and_a_summary_and_resumes(tmp_path):
     ns_change = sum(l["scores"]["post"]["neighborhood_score"] - l["scores"]["pre"]["neighborhood_score"] for l in lines) / 2
     assert summary["change"]["neighborhood_score"]["mean"] == pytest.approx(100 * ns_change, abs=1e-9)
     assert "Change from the unedited model" in (out / "summary.md").read_text()
+    table = compare([out], tmp_path)
+    assert "ft: Change from the unedited model" in table
+    older = {k: v for k, v in summary.items() if k != "change"}  # summarized before `change`: recomputed from the lines
+    (out / "summary.json").write_text(json.dumps(older))
+    assert compare([out], tmp_path) == table
     # a killed run: the last line was cut in half; the rerun measures only that record again
     text = (out / "records.jsonl").read_text().splitlines()
     (out / "records.jsonl").write_text(text[0] + "\n" + text[1][:40])

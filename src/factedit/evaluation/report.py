@@ -155,6 +155,9 @@ def load_summary(run, root: Path) -> dict:
         raise FacteditError(f"no summary.json for run {run!r} (looked in {root / str(run)}): finish that run first")
     summary = json.loads(path.read_text())
     summary["label"] = summary.get("label") or summary.get("editor")
+    records = path.parent / "records.jsonl"
+    if "change" not in summary and records.is_file():  # a run summarized before `change` existed
+        summary["change"] = change_from_unedited(json.loads(line) for line in records.read_text().splitlines() if line.strip())
     return summary
 
 
@@ -170,7 +173,8 @@ def compare(runs, root: Path, chart: Path | None = None) -> str:
     if chart is not None:
         bar_chart(rows, chart, f"CounterFact, {', '.join(models)}")
     note = "Records per run: " + ", ".join(f"{s['label']} {s['records']}" for s in summaries) + "."
+    changes = [f"{s['label']}: {change_line(s['change'])}" for s in summaries if s.get("change") and s.get("editor") != "none"]
     files = sorted({Path(str(s.get("data"))).name for s in summaries})
     if len(files) > 1:
         note += f" Careful: the runs measured different data files ({', '.join(files)}); the unedited row is the first run's."
-    return markdown_table(rows) + "\n\n" + note
+    return "\n\n".join([markdown_table(rows), note] + changes)
