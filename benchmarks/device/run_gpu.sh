@@ -1,6 +1,8 @@
 #!/bin/bash
 # One device call: GPU checks and the edit benchmark at real shapes (random weights).
-# Needs, carried beside the tree: .whl (omegaconf, antlr4 wheels) and .devcarry/smollm2_tokenizer.
+# Needs, carried beside the tree: .whl (omegaconf, antlr4 wheels) and .devcarry/smollm2_tokenizer; for
+# EVAL_SHAPES also .devcarry/counterfact_first12.json (the first 12 dev records: ../shared does not travel).
+# SHAPES="" skips the edit benchmark, GPU_TESTS=0 the GPU tests.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 FACTEDIT_CACHE=/tmp/factedit-cache
@@ -8,8 +10,13 @@ tok=$FACTEDIT_CACHE/models/smollm2_135m-carried
 mkdir -p $tok && cp .devcarry/smollm2_tokenizer/* $tok/ && echo '{}' > $tok/factedit.json
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_rome.py -k "cuda_graph or gpu or bf16" 2>&1 | tail -15 | tee $OUT/pytest.log
-for shape in ${SHAPES:-gpt2-xl llama-7b gpt-j}; do
+[ "${GPU_TESTS:-1}" = 1 ] && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_rome.py -k "cuda_graph or gpu or bf16" 2>&1 | tail -15 | tee $OUT/pytest.log
+for shape in ${SHAPES-gpt2-xl llama-7b gpt-j}; do
   echo "=== $shape"
   timeout ${SHAPE_TIMEOUT:-200} python3 benchmarks/bench_edit.py --shape $shape --facts ${FACTS:-1} 2>&1 | grep -v "Loading weights" | tee $OUT/bench_edit_$shape.log | tail -9
+done
+for shape in ${EVAL_SHAPES:-}; do  # CounterFact evaluation records/s (bench_eval.py), data carried in .devcarry
+  echo "=== eval $shape"
+  timeout ${EVAL_TIMEOUT:-300} python3 benchmarks/bench_eval.py --shape $shape --rome --records ${RECORDS:-10} \
+    --data .devcarry/counterfact_first12.json 2>&1 | grep -v "Loading weights\|LeafSpec" | tee $OUT/bench_eval_$shape.log | tail -9
 done
