@@ -48,8 +48,8 @@ def first_token_prob(model, tokenizer, prompt, word):
 REFERENCE_H200 = {"gpt2-xl": 1.72, "gpt-j": 4.8, "llama-7b": 6.8}  # EasyEdit's ROME, s/edit, fp32 (issue #4)
 STEPS = {"llama-7b": 25}
 # (label, hparams) of each path.
-CPU_PATHS = [("straightforward", dict(fast=False)), ("fast", dict(fast=True)),
-             ("fast, stop_on=nll", dict(fast=True, stop_on="nll"))]
+CPU_PATHS = [("straightforward", dict(fast=False, stop_on="loss")), ("fast", dict(fast=True, stop_on="loss")),
+             ("fast, stop_on=nll (default)", dict(fast=True, stop_on="nll"))]
 GPU_PATHS = [("straightforward fp32", dict(fast=False, tf32=False)),
              ("fast tf32", dict(fast=True, tf32=True, cuda_graph=False)),
              ("fast tf32 + graphs (default)", dict(fast=True, tf32=True, cuda_graph=True)),

@@ -76,7 +76,7 @@ class ValueOptimizer(lightning.LightningModule):
     """
 
     def __init__(self, model, batch: dict, layer: int, *, live: LiveBatch | None = None, role="rewrite", v_lr=0.5,
-                 v_weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625, loss_threshold=0.05, stop_on="loss", fast=True,
+                 v_weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625, loss_threshold=0.05, stop_on="nll", fast=True,
                  v_num_grad_steps=20, cuda_graph=False, bf16=False, **_unused):
         super().__init__()
         self.automatic_optimization = False

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 UPDATES = ("fixed", "original", "two_keys")  # see update.py
 
 DEFAULT_HPARAMS = dict(layer=5, v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
-                       kl_factor=0.0625, loss_threshold=0.05, stop_on="loss", context_templates=[[5, 10], [10, 10]], update="fixed",
+                       kl_factor=0.0625, loss_threshold=0.05, stop_on="nll", context_templates=[[5, 10], [10, 10]], update="two_keys",
                        fast=True, tf32=True, cuda_graph=True, bf16=False, seed=0, role="rewrite")
 
 
