@@ -1,7 +1,9 @@
 #!/bin/bash
 # One device call: GPU checks and the edit benchmark at real shapes (random weights).
 # Needs, carried beside the tree: .whl (omegaconf, antlr4 wheels) and .devcarry/smollm2_tokenizer; for
-# EVAL_SHAPES also .devcarry/counterfact_first12.json (the first 12 dev records: ../shared does not travel).
+# EVAL_SHAPES also .devcarry/counterfact_first12.json (the first 12 dev records: ../shared does not travel), made by
+#   python -c "import json; json.dump(json.load(open('../shared/data/counterfact/counterfact_original_format.json'))[:12], open('.devcarry/counterfact_first12.json', 'w'))"
+# and deleted after the call.
 # SHAPES="" skips the edit benchmark, GPU_TESTS=0 the GPU tests.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
