@@ -56,6 +56,11 @@ GPU_PATHS = [("straightforward fp32", dict(fast=False, tf32=False)),
              ("fast bf16 + graphs", dict(fast=True, tf32=True, cuda_graph=True, bf16=True))]
 
 
+def default_layer(shape: str | None) -> int:
+    """The edit layer at a shape: ROME's 17 at GPT-2 XL, else 5."""
+    return 17 if shape == "gpt2-xl" else 5
+
+
 def load(shape, device, tokenizer):
     if shape is None:
         return load_model("smollm2_135m", device=device)
@@ -80,7 +85,7 @@ def main():
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    layer = args.layer if args.layer is not None else (17 if args.shape == "gpt2-xl" else 5)
+    layer = args.layer if args.layer is not None else default_layer(args.shape)
     steps = args.steps or STEPS.get(args.shape, 20)
     build = time.perf_counter()
     model, tokenizer = load(args.shape, device, args.tokenizer)

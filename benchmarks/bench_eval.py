@@ -29,7 +29,7 @@ from pathlib import Path
 
 import lightning
 import torch
-from bench_edit import SHAPES, load
+from bench_edit import SHAPES, default_layer, load, synchronize
 
 from factedit import load_model
 from factedit.data.counterfact import DEV_FILE, CounterFactDataModule, load_records, relations_of
@@ -74,14 +74,9 @@ class EpochTimer(lightning.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def synchronize():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def rome_editors(model, shape: str | None) -> dict[str, tuple[RankOneEdit, bool]]:
     """label -> (ROME editor, batched measurement) for the default and the straightforward evaluation."""
-    layer = 17 if shape == "gpt2-xl" else 5
+    layer = default_layer(shape)
     hparams = {"layer": layer, **({"loss_threshold": 0.0} if shape else {})}
     if shape is None:
         from factedit.stats import load_second_moment

@@ -25,7 +25,7 @@ from factedit.evaluation.metrics import CounterFactMetrics, EditScore, RecordMea
 from factedit.evaluation.module import CounterFactEvaluator
 from factedit.evaluation.probabilities import (measure_record, pack_rows, pair_tokens, record_pairs, record_scores,
                                                target_nlls, target_nlls_straightforward)
-from factedit.evaluation.report import change_from_unedited, compare
+from factedit.evaluation.report import CHANGE_KEYS, change_from_unedited, compare
 from factedit.paths import CONFIG_DIR, REPO_ROOT
 from factedit.rome import edit
 
@@ -156,8 +156,7 @@ def test_tfidf_is_sklearn_weighting_with_cosine():
 # ---------------------------------------------------------------- baselines
 
 def _line(pre: tuple, post: tuple) -> dict:
-    keys = ("efficacy_score", "paraphrase_score", "neighborhood_score")
-    return {"scores": {"pre": dict(zip(keys, pre)), "post": dict(zip(keys, post))}}
+    return {"scores": {"pre": dict(zip(CHANGE_KEYS, pre)), "post": dict(zip(CHANGE_KEYS, post))}}
 
 
 def test_change_from_unedited_is_a_paired_bootstrap_of_the_mean_change():

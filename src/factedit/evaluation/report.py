@@ -14,7 +14,7 @@ from factedit.io import write_json
 TABLE_KEYS = ("score", "efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_magnitude",
               "paraphrase_magnitude", "neighborhood_magnitude", "generation_entropy", "reference_score")
 CHART_KEYS = ("score", "efficacy_score", "paraphrase_score", "neighborhood_score")
-CHANGE_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
+CHANGE_KEYS = tuple(k for k in SCORE_KEYS if k.endswith("_score"))  # ES, PS, NS (not the magnitudes)
 
 
 def percent(stage: dict) -> dict:
@@ -91,7 +91,7 @@ def markdown_table(rows: list[tuple[str, int, dict]]) -> str:
 
 def relation_table(summary: dict) -> str:
     """Per relation: records, then Score / ES / PS / NS before → after."""
-    keys = ("score",) + tuple(k for k in SCORE_KEYS if k.endswith("_score"))
+    keys = ("score",) + CHANGE_KEYS
     lines = ["| relation | records | " + " | ".join(f"{SHORT[k]} pre → post" for k in keys) + " |",
              "|---|---:|" + "---:|" * len(keys)]
     for relation, row in sorted(summary["by_relation"].items()):
@@ -155,9 +155,10 @@ def load_summary(run, root: Path) -> dict:
         raise FacteditError(f"no summary.json for run {run!r} (looked in {root / str(run)}): finish that run first")
     summary = json.loads(path.read_text())
     summary["label"] = summary.get("label") or summary.get("editor")
-    records = path.parent / "records.jsonl"
-    if "change" not in summary and records.is_file():  # a run summarized before `change` existed
-        summary["change"] = change_from_unedited(json.loads(line) for line in records.read_text().splitlines() if line.strip())
+    if "change" not in summary:  # a run summarized before `change` existed
+        from factedit.evaluation.module import read_lines
+
+        summary["change"] = change_from_unedited(read_lines(path.parent / "records.jsonl"))
     return summary
 
 
