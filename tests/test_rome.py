@@ -12,7 +12,8 @@ from factedit.rome.compute_key import compute_key, subject_keys
 from factedit.rome.context import context_templates
 from factedit.rome.compute_value import GRAPH_WARMUP, ValueOptimizer, build_value_batch, compute_value
 from factedit.rome.frozen_prefix import can_freeze, frozen_context
-from factedit.rome.update import delta_weight, rank_one_update
+from factedit.rome.fused_activations import TanhGELU, fused_activations
+from factedit.rome.update import delta_weight, rank_one_update, solve_second_moment
 
 FACT = Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Rome", target_true="Paris")
 TEMPLATES = ["{}", "The weather today. {}", "Because of this, we. {}"]
@@ -63,6 +64,22 @@ def test_two_key_update_shifts_both_keys_by_the_same_residual():
     # a second key along k̄ adds no condition: the plain update
     plain = delta_weight(*rank_one_update(weight, second_moment, key, target))
     assert torch.allclose(delta_weight(*rank_one_update(weight, second_moment, key, target, also_key=2 * key)), plain, atol=1e-9)
+
+
+def test_second_moment_solve_is_factored_once_per_statistics_and_redone_when_they_change():
+    """C⁻¹ rhs from C's LU factorization, kept on C: equal to a fresh solve, the factor reused by
+    later edits, recomputed after C changes in place; a singular C is a one-line error."""
+    second_moment = random_second_moment(12).float()  # stats files hold float32 C
+    keys = torch.randn(12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    expected = torch.linalg.solve(second_moment.double(), keys)
+    assert torch.allclose(solve_second_moment(second_moment, keys), expected, rtol=0, atol=1e-12)
+    factor = second_moment._factedit_lu[keys.device][1]
+    assert torch.allclose(solve_second_moment(second_moment, keys[:, 0]), expected[:, 0], rtol=0, atol=1e-12)
+    assert second_moment._factedit_lu[keys.device][1] is factor  # not factored again
+    second_moment.mul_(2)
+    assert torch.allclose(solve_second_moment(second_moment, keys), expected / 2, rtol=0, atol=1e-12)
+    with pytest.raises(FacteditError, match="singular"):
+        solve_second_moment(torch.zeros(12, 12), keys)
 
 
 def test_update_rejects_mismatched_statistics():
@@ -136,6 +153,36 @@ def test_fast_value_loss_and_gradient_equal_the_full_forward(tiny_llama, model_t
     if model_type == "gemma3_text":  # a window shorter than the prompts: the plain causal mask would be wrong
         model.config.sliding_window = 4
         assert not can_freeze(model, batch)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gptj"])
+def test_fused_activations_change_no_loss_or_gradient(tiny_llama, model_type):
+    """GPT-2 / GPT-J's spelled-out tanh-GELU becomes one fused kernel inside the v* run: the same
+    loss and dloss/dδ in float64, and the model's own modules are back afterwards."""
+    from transformers.activations import NewGELUActivation
+
+    x = torch.linspace(-12, 12, 10_001, dtype=torch.float64)
+    assert torch.allclose(TanhGELU()(x), NewGELUActivation()(x), rtol=0, atol=1e-15)
+    model, tokenizer = _family_model(model_type, "eager", tiny_llama[1]), tiny_llama[1]
+    originals = [m for m in model.modules() if isinstance(m, NewGELUActivation)]
+    batch = build_value_batch(tokenizer, FACT.prompt, FACT.subject, FACT.target_new, TEMPLATES)
+    delta = torch.randn(model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    results = []
+    for fused in (False, True):
+        with fused_activations(model) if fused else contextlib.nullcontext() as replaced, frozen_context(model, 1, batch) as live:
+            if fused:
+                assert replaced == len(originals) == model.config.n_layer
+                assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+            d = delta.clone().requires_grad_(True)
+            parts = ValueOptimizer(model, batch, 1, live=live).losses(d)
+            parts["loss"].backward()
+        results.append((parts["loss"], d.grad))
+    assert torch.allclose(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    assert torch.allclose(results[0][1], results[1][1], rtol=0, atol=1e-12) and results[0][1].abs().max() > 0
+    assert [m for m in model.modules() if isinstance(m, NewGELUActivation)] == originals
+    with pytest.raises(RuntimeError), fused_activations(model):
+        raise RuntimeError("inside")
+    assert [m for m in model.modules() if isinstance(m, NewGELUActivation)] == originals
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -18,6 +18,7 @@ from factedit.cli import quiet_warnings
 from factedit.errors import FacteditError
 from factedit.hooks import Trace, add_at_positions
 from factedit.rome.frozen_prefix import LiveBatch, can_freeze, frozen_context
+from factedit.rome.fused_activations import fused_activations
 from factedit.tokens import fill_subject, subject_token_range
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,8 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
                   trainer_kwargs: dict | None = None) -> ValueOptimizer:
     """Fit δ with a real Lightning Trainer; returns the fitted module (δ, v₀, loss history).
 
+    fast (default true): the frozen context (frozen_prefix.py), logits only where the loss reads
+    them, and (fused_activations, default true) one-kernel activations; fast=false is the straightforward loop.
     On a GPU: hparams tf32 (default true) lets the v* matrix products use TF32, cuda_graph
     replays each whole step (forward, backward, Adam, clamp) as one CUDA graph, and bf16 runs the
     step's forward and backward under bfloat16 autocast (δ, Adam and the update stay float32/64).
@@ -292,8 +295,10 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
     if fast and not freeze:
         log.warning("attention %r, sliding window %s: v* runs the full forward each step",
                     model.config._attn_implementation, getattr(model.config, "sliding_window", None))
+    fuse = fast and hparams.get("fused_activations", True)
+    fused = fused_activations(model) if fuse else contextlib.nullcontext()  # around the frozen run too: one function
     frozen = frozen_context(model, layer, batch) if freeze else contextlib.nullcontext()
-    with frozen as live, matmul_precision(model, bool(hparams.get("tf32", True))):
+    with matmul_precision(model, bool(hparams.get("tf32", True))), fused, frozen as live:  # the frozen run in TF32 too
         quiet_warnings()
         module = ValueOptimizer(model, batch, layer, live=live, **{k: v for k, v in hparams.items() if k != "layer"})
         if model.device.type == "cuda":

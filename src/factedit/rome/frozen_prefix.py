@@ -121,7 +121,9 @@ def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid:
                     type(model).__name__, str(error).splitlines()[0])
         return False
     wanted = expected[valid]
-    if got.shape != wanted.shape or (got - wanted).abs().max() > 1e-3 * wanted.abs().max():
+    # a cache or mask the model code mishandles moves hidden states by O(their size); TF32 rounding, ~1e-3
+    tolerance = 1e-3 if torch.get_float32_matmul_precision() == "highest" or got.dtype == torch.float64 else 1e-2
+    if got.shape != wanted.shape or (got - wanted).abs().max() > tolerance * wanted.abs().max():
         log.warning("v* runs the full forward each step: %s gives other hidden states from frozen keys/values",
                     type(model).__name__)
         return False

@@ -20,7 +20,7 @@ UPDATES = ("fixed", "original", "two_keys")  # see update.py
 
 DEFAULT_HPARAMS = dict(layer=5, v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
                        kl_factor=0.0625, loss_threshold=0.05, stop_on="nll", context_templates=[[5, 10], [10, 10]], update="two_keys",
-                       fast=True, tf32=True, cuda_graph=True, bf16=False, seed=0, role="rewrite")
+                       fast=True, fused_activations=True, tf32=True, cuda_graph=True, bf16=False, seed=0, role="rewrite")
 
 
 class Edits(list):
@@ -66,8 +66,9 @@ def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict
     layer = check_layer(model, hp["layer"])
     if hp["update"] not in UPDATES:  # before the v* fit, not after it
         raise FacteditError(f"editor.update must be one of {', '.join(UPDATES)}, not {hp['update']!r}")
-    _check_not_known(model, tokenizer, fact)
     timings, start = {}, time.perf_counter()
+    _check_not_known(model, tokenizer, fact)
+    timings["check"], start = time.perf_counter() - start, time.perf_counter()
     templates = context_templates(model, tokenizer, hp["context_templates"], seed=int(hp["seed"]))
     timings["templates"], start = time.perf_counter() - start, time.perf_counter()
     role = hp["role"]  # "rewrite" (the MLP down-projection) or "attn_out" (the attention output projection)
@@ -80,7 +81,7 @@ def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict
     bare_key = subject_keys(model, tokenizer, [fact.prompt], fact.subject, layer, role)[0].double() if hp["update"] != "fixed" else None
     residual_key = bare_key if hp["update"] == "original" else key  # the reference code: the bare prompt's key
     target_value = weight.double() @ residual_key + delta  # v*: the value the key should now produce
-    u, lam = rank_one_update(weight, second_moment.to(weight.device), key, target_value, residual_key=residual_key,
+    u, lam = rank_one_update(weight, second_moment, key, target_value, residual_key=residual_key,
                              also_key=bare_key if hp["update"] == "two_keys" else None)
     timings["update"] = time.perf_counter() - start
     info = {"steps": len(value.history), "final_loss": value.history[-1]["loss"] if value.history else None,

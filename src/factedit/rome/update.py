@@ -27,12 +27,15 @@ def rank_one_update(weight: torch.Tensor, second_moment: torch.Tensor, key: torc
     k₀ (d_mlp,), a second key that gets the same shift as k̄ (two_keys).
     Returns u (d_mlp,), Λ (d_model,).
     """
-    weight, second_moment, key, target_value = (t.detach().double() for t in (weight, second_moment, key, target_value))
+    weight, key, target_value = (t.detach().double() for t in (weight, key, target_value))
     residual_key = key if residual_key is None else residual_key.detach().double()
     if weight.shape != (target_value.numel(), key.numel()) or second_moment.shape != (key.numel(), key.numel()):
         raise FacteditError(f"shape mismatch: W {tuple(weight.shape)}, C {tuple(second_moment.shape)}, k {tuple(key.shape)}, "
                             f"v {tuple(target_value.shape)}: the stats file belongs to another module")
-    u = torch.linalg.solve(second_moment, key) if also_key is None else two_key_direction(second_moment, key, also_key.detach().double())
+    if also_key is None:
+        u = solve_second_moment(second_moment, key)
+    else:
+        u = two_key_direction(second_moment, key, also_key.detach().double().to(key.device))
     denominator = u @ residual_key
     if not torch.isfinite(denominator) or denominator.abs() < 1e-12:
         raise FacteditError("the key statistics are singular for this key (uᵀk ≈ 0): recompute stats with more tokens")
@@ -44,9 +47,30 @@ def two_key_direction(second_moment: torch.Tensor, key: torch.Tensor, also_key: 
     """The u (d_mlp,) of least uᵀCu with uᵀk̄ = uᵀk₀ = 1: u = C⁻¹K (KᵀC⁻¹K)⁺ 1 for K = [k̄ k₀].
     (The pseudo-inverse: when k₀ ∥ k̄ the two conditions are one, and u = C⁻¹k̄ / k̄ᵀC⁻¹k̄.)"""
     keys = torch.stack([key, also_key], dim=1)  # (d_mlp, 2)
-    whitened = torch.linalg.solve(second_moment, keys)
+    whitened = solve_second_moment(second_moment, keys)
     gram = keys.T @ whitened
     return whitened @ (torch.linalg.pinv(gram, hermitian=True, rtol=1e-10) @ torch.ones(2, dtype=gram.dtype, device=gram.device))
+
+
+def solve_second_moment(second_moment: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """C⁻¹ rhs in float64 on rhs's device; rhs: (d_mlp,) or (d_mlp, n).
+
+    C's LU factorization is computed once per device and kept on the C tensor itself (it lives and
+    dies with C, and is redone if C is changed in place), so every later edit with the same statistics
+    costs two triangular solves instead of an O(d_mlp³) factorization and a copy of C to the device.
+    """
+    cache = second_moment.__dict__.setdefault("_factedit_lu", {})
+    version = second_moment._version
+    if cache.get(rhs.device, (None,))[0] != version:
+        with torch.no_grad():
+            lu, pivots, info = torch.linalg.lu_factor_ex(second_moment.detach().to(device=rhs.device, dtype=torch.float64))
+        if info.item() != 0:
+            raise FacteditError("the key statistics C are singular: recompute stats with more tokens")
+        cache.clear()  # one device at a time: a factor of d_mlp² float64s is not small
+        cache[rhs.device] = (version, lu, pivots)
+    _, lu, pivots = cache[rhs.device]
+    solved = torch.linalg.lu_solve(lu, pivots, rhs.double().reshape(len(rhs), -1))
+    return solved[:, 0] if rhs.dim() == 1 else solved
 
 
 def delta_weight(u: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
