@@ -25,7 +25,7 @@ from factedit.evaluation.metrics import CounterFactMetrics, EditScore, RecordMea
 from factedit.evaluation.module import CounterFactEvaluator
 from factedit.evaluation.probabilities import (measure_record, pack_rows, pair_tokens, record_pairs, record_scores,
                                                target_nlls, target_nlls_straightforward)
-from factedit.evaluation.report import CHANGE_KEYS, change_from_unedited, compare
+from factedit.evaluation.report import CHANGE_KEYS, change_from_unedited, compare, score_difference
 from factedit.paths import CONFIG_DIR, REPO_ROOT
 from factedit.rome import edit
 
@@ -177,6 +177,34 @@ def test_change_from_unedited_is_a_paired_bootstrap_of_the_mean_change():
     assert ns["low"] < ns["mean"] < ns["high"]
     assert ns["high"] - ns["mean"] == pytest.approx(normal, rel=0.2) and ns["mean"] - ns["low"] == pytest.approx(normal, rel=0.2)
     assert change_from_unedited([{"scores": {"post": {}}}]) == {}  # pre=false: nothing to compare
+
+
+def test_score_difference_pairs_records_by_case_id(tmp_path):
+    """Score(b) − Score(a) on the shared records, each Score the harmonic mean of mean ES, PS, NS, with a
+    paired bootstrap interval; records only one run has are left out."""
+    generator = torch.Generator().manual_seed(2)
+    a_scores = (torch.rand(60, 3, generator=generator, dtype=torch.float64) > 0.3).double()
+    b_scores = (a_scores + (torch.rand(60, 3, generator=generator, dtype=torch.float64) > 0.8).double()).clamp(max=1)
+    line = lambda i, row: {"case_id": i, "scores": {"post": dict(zip(CHANGE_KEYS, row.tolist()))}}
+    lines_a = [line(i, row) for i, row in enumerate(a_scores)] + [line(99, torch.zeros(3))]  # not in b
+    lines_b = [line(i, row) for i, row in reversed(list(enumerate(b_scores)))] + [{"case_id": 5, "error": "failed"}]
+    hmean = lambda m: 3 / (1 / m).sum().item()
+    expected = 100 * (hmean(b_scores.mean(0)) - hmean(a_scores.mean(0)))
+    got = score_difference(lines_a, lines_b)
+    assert got["records"] == 60 and got["mean"] == pytest.approx(expected, abs=1e-9) and expected > 0
+    assert got["low"] < got["mean"] < got["high"]
+    same = score_difference(lines_a, lines_a)
+    assert same["mean"] == same["low"] == same["high"] == 0.0
+    assert score_difference(lines_a[:1], lines_b[:0]) is None
+    # compare=[...] prints each run's Score against the best run's, on the records both measured
+    for name, lines, scores in (("a", lines_a, a_scores), ("b", lines_b, b_scores)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "records.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+        post = {**{k: 100 * v for k, v in zip(CHANGE_KEYS, scores.mean(0).tolist())}, "score": 100 * hmean(scores.mean(0))}
+        summary = {"run": name, "editor": name, "model": "m", "data": "d.json", "records": len(lines), "pre": {}, "post": post, "change": {}}
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    assert f"Score of b − a on the 60 records both measured: {got['mean']:+.1f} [{got['low']:+.1f}, {got['high']:+.1f}]" \
+        in compare(["a", "b"], tmp_path)
 
 
 def test_ft_l_stays_in_the_linf_ball_and_ft_lowers_the_loss(tiny_llama):

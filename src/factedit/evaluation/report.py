@@ -41,6 +41,30 @@ def change_from_unedited(lines, resamples: int = 2000, seed: int = 0) -> dict:
             for i, key in enumerate(CHANGE_KEYS)}
 
 
+def score_difference(lines_a, lines_b, resamples: int = 2000, seed: int = 0) -> dict | None:
+    """Score(b) − Score(a) (×100, post-edit) over the records both runs measured (matched by case_id),
+    with a paired bootstrap 95% interval: each resample draws records with replacement and recomputes
+    both Scores (harmonic mean of the mean ES, PS, NS) on the same draw. None when no record is shared."""
+    import torch
+
+    from factedit.evaluation.metrics import harmonic_mean
+
+    def post(lines):
+        return {line["case_id"]: line["scores"]["post"] for line in lines
+                if not line.get("error") and (line.get("scores") or {}).get("post")}
+
+    a, b = post(lines_a), post(lines_b)
+    shared = sorted(set(a) & set(b), key=str)
+    if not shared:
+        return None
+    scores = torch.tensor([[[run[i][k] for k in CHANGE_KEYS] for run in (a, b)] for i in shared], dtype=torch.float64)
+    picks = torch.randint(len(shared), (resamples, len(shared)), generator=torch.Generator().manual_seed(seed))
+    score = lambda s: 100 * harmonic_mean(s.mean(dim=-3), dim=-1)  # (..., records, 2, 3) -> (..., 2)
+    point, resampled = score(scores), score(scores[picks])
+    low, high = torch.quantile(resampled[:, 1] - resampled[:, 0], torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return {"mean": (point[1] - point[0]).item(), "low": low.item(), "high": high.item(), "records": len(shared)}
+
+
 def change_line(change: dict) -> str:
     """One markdown line: each metric's change from the unedited model and its 95% interval."""
     parts = [f"{SHORT[k]} {v['mean']:+.1f} [{v['low']:+.1f}, {v['high']:+.1f}]" for k, v in change.items()]
@@ -155,11 +179,29 @@ def load_summary(run, root: Path) -> dict:
         raise FacteditError(f"no summary.json for run {run!r} (looked in {root / str(run)}): finish that run first")
     summary = json.loads(path.read_text())
     summary["label"] = summary.get("label") or summary.get("editor")
+    summary["_dir"] = str(path.parent)  # where its records.jsonl is
     if "change" not in summary:  # a run summarized before `change` existed
         from factedit.evaluation.module import read_lines
 
         summary["change"] = change_from_unedited(read_lines(path.parent / "records.jsonl"))
     return summary
+
+
+def score_lines(summaries: list[dict]) -> list[str]:
+    """One line per other run: its Score against the run of highest Score, on the records both measured."""
+    from factedit.evaluation.module import read_lines
+
+    if len(summaries) < 2:
+        return []
+    best = max(summaries, key=lambda s: s["post"].get("score") or 0.0)
+    lines = {id(s): read_lines(Path(s["_dir"]) / "records.jsonl") for s in summaries}
+    out = []
+    for summary in summaries:
+        difference = None if summary is best else score_difference(lines[id(summary)], lines[id(best)])
+        if difference:
+            out.append(f"Score of {best['label']} − {summary['label']} on the {difference['records']} records both measured: "
+                       f"{difference['mean']:+.1f} [{difference['low']:+.1f}, {difference['high']:+.1f}] (paired bootstrap 95%).")
+    return out
 
 
 def compare(runs, root: Path, chart: Path | None = None) -> str:
@@ -175,6 +217,7 @@ def compare(runs, root: Path, chart: Path | None = None) -> str:
         bar_chart(rows, chart, f"CounterFact, {', '.join(models)}")
     note = "Records per run: " + ", ".join(f"{s['label']} {s['records']}" for s in summaries) + "."
     changes = [f"{s['label']}: {change_line(s['change'])}" for s in summaries if s.get("change") and s.get("editor") != "none"]
+    changes += score_lines(summaries)
     files = sorted({Path(str(s.get("data"))).name for s in summaries})
     if len(files) > 1:
         note += f" Careful: the runs measured different data files ({', '.join(files)}); the unedited row is the first run's."
