@@ -58,8 +58,12 @@ GPU_PATHS = [("straightforward fp32", dict(fast=False, tf32=False)),
              ("fast bf16 + graphs", dict(fast=True, tf32=True, cuda_graph=True, bf16=True))]
 
 
-def default_layer(shape: str | None) -> int:
-    """The edit layer at a shape: ROME's 17 at GPT-2 XL, else 5."""
+def default_layer(shape: str | None, model) -> int:
+    """The edit layer: the model config's for the real model, ROME's 17 at GPT-2 XL shape, else 5."""
+    if shape is None:
+        from factedit.rome import resolve_hparams
+
+        return int(resolve_hparams(model)["layer"])
     return 17 if shape == "gpt2-xl" else 5
 
 
@@ -80,17 +84,17 @@ def synchronize():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=sorted(SHAPES))
-    parser.add_argument("--layer", type=int, default=None, help="default: 5 (17 at GPT-2 XL shape, as in ROME)")
+    parser.add_argument("--layer", type=int, default=None, help="default: the model config's (17 at GPT-2 XL shape, as in ROME; 5 at other shapes)")
     parser.add_argument("--steps", type=int, default=None, help="default: 20 (25 at Llama-7B shape)")
     parser.add_argument("--facts", type=int, default=len(FACTS), help="how many of the benchmark facts to edit")
     parser.add_argument("--tokenizer", default="smollm2_135m", help="registry name or saved tokenizer folder")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    layer = args.layer if args.layer is not None else default_layer(args.shape)
     steps = args.steps or STEPS.get(args.shape, 20)
     build = time.perf_counter()
     model, tokenizer = load(args.shape, device, args.tokenizer)
+    layer = args.layer if args.layer is not None else default_layer(args.shape, model)
     synchronize()
     print(f"built {args.shape or 'smollm2_135m'} on {device} in {time.perf_counter() - build:.1f}s", flush=True)
     d_mlp = as_out_in(model, rewrite_weight(model, layer)).shape[1]

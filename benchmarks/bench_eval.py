@@ -76,7 +76,7 @@ class EpochTimer(lightning.Callback):
 
 def rome_editors(model, shape: str | None) -> dict[str, tuple[RankOneEdit, bool]]:
     """label -> (ROME editor, batched measurement) for the default and the straightforward evaluation."""
-    layer = default_layer(shape)
+    layer = default_layer(shape, model)
     hparams = {"layer": layer, **({"loss_threshold": 0.0} if shape else {})}
     if shape is None:
         from factedit.stats import load_second_moment
