@@ -50,7 +50,8 @@ def apply_edits(model, edits: list[Edit], backup: WeightBackup | None = None) ->
         if view.shape != (edit.v.numel(), edit.u.numel()):
             raise FacteditError(f"edit for {edit.module} has shape {(edit.v.numel(), edit.u.numel())} but the module is "
                                 f"{tuple(view.shape)}: these edits belong to another model")
-        view.copy_((view.double() + delta_weight(edit.u, edit.v).to(view.device)).to(view.dtype))
+        delta = delta_weight(edit.u.to(view.device), edit.v.to(view.device))  # on W's device: no host-to-device copy of ΔW
+        view.copy_((view.double() + delta).to(view.dtype))
     return backup
 
 
