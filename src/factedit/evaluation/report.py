@@ -22,6 +22,20 @@ def percent(stage: dict) -> dict:
     return {key: None if value is None else 100 * value for key, value in stage.items()}
 
 
+def _scored(lines, stage: str) -> list[dict]:
+    """The record lines that carry `stage` ("pre" or "post") scores (failed records carry none)."""
+    return [line for line in lines if not line.get("error") and (line.get("scores") or {}).get(stage)]
+
+
+def _bootstrap_interval(rows, statistic, resamples: int, seed: int):
+    """2.5th and 97.5th percentile of `statistic` over resamples of `rows` (records first) drawn with
+    replacement; statistic maps (resamples, records, ...) to (resamples, ...). Returns (low, high)."""
+    import torch
+
+    picks = torch.randint(len(rows), (resamples, len(rows)), generator=torch.Generator().manual_seed(seed))
+    return torch.quantile(statistic(rows[picks]), torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+
+
 def change_from_unedited(lines, resamples: int = 2000, seed: int = 0) -> dict:
     """Post − pre of ES, PS and NS (×100) over the records whose line has both, with a paired
     bootstrap 95% interval: records are resampled with replacement, keeping each record's pre and post
@@ -29,14 +43,11 @@ def change_from_unedited(lines, resamples: int = 2000, seed: int = 0) -> dict:
     Returns {metric: {"mean", "low", "high", "records"}}; {} when no line has pre-edit scores."""
     import torch
 
-    pairs = [(line["scores"]["pre"], line["scores"]["post"]) for line in lines
-             if not line.get("error") and (line.get("scores") or {}).get("pre")]
+    pairs = [(line["scores"]["pre"], line["scores"]["post"]) for line in _scored(lines, "pre")]
     if not pairs:
         return {}
     changes = torch.tensor([[post[k] - pre[k] for k in CHANGE_KEYS] for pre, post in pairs], dtype=torch.float64) * 100
-    picks = torch.randint(len(pairs), (resamples, len(pairs)), generator=torch.Generator().manual_seed(seed))
-    means = changes[picks].mean(dim=1)  # (resamples, metrics)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+    low, high = _bootstrap_interval(changes, lambda resampled: resampled.mean(dim=1), resamples, seed)  # (metrics,) each
     return {key: {"mean": changes[:, i].mean().item(), "low": low[i].item(), "high": high[i].item(), "records": len(pairs)}
             for i, key in enumerate(CHANGE_KEYS)}
 
@@ -49,20 +60,14 @@ def score_difference(lines_a, lines_b, resamples: int = 2000, seed: int = 0) -> 
 
     from factedit.evaluation.metrics import harmonic_mean
 
-    def post(lines):
-        return {line["case_id"]: line["scores"]["post"] for line in lines
-                if not line.get("error") and (line.get("scores") or {}).get("post")}
-
-    a, b = post(lines_a), post(lines_b)
+    a, b = ({line["case_id"]: line["scores"]["post"] for line in _scored(lines, "post")} for lines in (lines_a, lines_b))
     shared = sorted(set(a) & set(b), key=str)
     if not shared:
         return None
     scores = torch.tensor([[[run[i][k] for k in CHANGE_KEYS] for run in (a, b)] for i in shared], dtype=torch.float64)
-    picks = torch.randint(len(shared), (resamples, len(shared)), generator=torch.Generator().manual_seed(seed))
-    score = lambda s: 100 * harmonic_mean(s.mean(dim=-3), dim=-1)  # (..., records, 2, 3) -> (..., 2)
-    point, resampled = score(scores), score(scores[picks])
-    low, high = torch.quantile(resampled[:, 1] - resampled[:, 0], torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return {"mean": (point[1] - point[0]).item(), "low": low.item(), "high": high.item(), "records": len(shared)}
+    difference = lambda s: (100 * harmonic_mean(s.mean(dim=-3), dim=-1)).diff(dim=-1)[..., 0]  # (..., records, 2, 3) -> (...)
+    low, high = _bootstrap_interval(scores, difference, resamples, seed)
+    return {"mean": difference(scores).item(), "low": low.item(), "high": high.item(), "records": len(shared)}
 
 
 def change_line(change: dict) -> str:
