@@ -15,10 +15,12 @@ bf16 autocast + graphs; "vs reference" divides EasyEdit's ROME time on an H200 (
 import argparse
 import logging
 import time
+from statistics import median
 
 import torch
 
 from factedit import Fact, edit, load_model, revert_edits
+from factedit.rome.low_precision import native_bf16
 from factedit.architectures import as_out_in, rewrite_weight
 from factedit.probes import next_token_logits
 
@@ -49,8 +51,13 @@ PARTS = ("check", "templates", "key", "value", "update")  # "other": applying th
 REFERENCE_H200 = {"gpt2-xl": 1.72, "gpt-j": 4.8, "llama-7b": 6.8}  # EasyEdit's ROME, s/edit, fp32 (issue #4)
 STEPS = {"llama-7b": 25}
 # (label, hparams) of each path.
-CPU_PATHS = [("straightforward", dict(fast=False, stop_on="loss")), ("fast", dict(fast=True, stop_on="loss")),
-             ("fast, stop_on=nll (default)", dict(fast=True, stop_on="nll"))]
+CPU_PATHS = {  # --paths key: (label, hparams)
+    "straightforward": ("straightforward", dict(fast=False, stop_on="loss", bf16=False)),
+    "fast": ("fast", dict(fast=True, stop_on="loss", bf16=False)),
+    "fast-bf16": ("fast bf16", dict(fast=True, stop_on="loss", bf16=True)),
+    "fast-nll": ("fast, stop_on=nll", dict(fast=True, stop_on="nll", bf16=False)),
+    "default": ("fast bf16, stop_on=nll (default)", dict(fast=True, stop_on="nll", bf16="auto")),
+}
 GPU_PATHS = [("straightforward fp32", dict(fast=False, tf32=False)),
              ("fast tf32", dict(fast=True, tf32=True, cuda_graph=False)),
              ("fast tf32 + graphs, unfused GELU", dict(fast=True, tf32=True, cuda_graph=True, fused_activations=False)),
@@ -81,6 +88,43 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+def dev_facts(n: int) -> list[Fact]:
+    """The first n CounterFact dev records as facts (the probes: a paraphrase and a neighbour)."""
+    from factedit.data.counterfact import DEV_FILE, load_records
+
+    records, _ = load_records(DEV_FILE, limit=n)
+    facts = []
+    for record in records:
+        fact = record.to_fact()
+        fact.generalization_probes, fact.specificity_probes = record.paraphrase_prompts[:1], record.neighborhood_prompts[:1]
+        facts.append(fact)
+    return facts
+
+
+def time_edit(model, tokenizer, fact, stats, hparams, shape):
+    """One edit() timed alone (the probes and the revert are not part of an edit): (seconds by part, total, quality)."""
+    synchronize()
+    start = time.perf_counter()
+    edits = edit(model, tokenizer, fact, stats=stats, hparams=hparams)
+    synchronize()
+    total = time.perf_counter() - start
+    info = edits[0].info
+    if shape:  # random weights: how far v* got (the same for every path, up to rounding)
+        quality = (info["steps"], info["final_loss"], info["p_target"])
+    else:
+        quality = (info["steps"], first_token_prob(model, tokenizer, fact.text, fact.target_new),
+                   first_token_prob(model, tokenizer, fact.generalization_probes[0], fact.target_new),
+                   first_token_prob(model, tokenizer, fact.specificity_probes[0], fact.target_new))
+    revert_edits(model, edits.backup)
+    return {**info["seconds"], **info["value_seconds"]}, total, quality
+
+
+def summarize(runs):
+    """Median seconds of each part and in total; mean quality."""
+    seconds = {k: median([r[0].get(k, 0.0) for r in runs]) for k in ("check", "templates", "key", "value", "update", "prepare", "fit")}
+    return seconds, median([r[1] for r in runs]), [r[2] for r in runs]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=sorted(SHAPES))
@@ -88,8 +132,13 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="default: 20 (25 at Llama-7B shape)")
     parser.add_argument("--facts", type=int, default=len(FACTS), help="how many of the benchmark facts to edit")
     parser.add_argument("--tokenizer", default="smollm2_135m", help="registry name or saved tokenizer folder")
+    parser.add_argument("--records", type=int, default=0, help="edit the first N CounterFact dev records instead of the benchmark facts")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all paths (interleaved); the table gives medians")
+    parser.add_argument("--paths", default="straightforward,fast,fast-bf16,fast-nll,default",
+                        help=f"CPU: which paths, in order, the first one the baseline ({', '.join(CPU_PATHS)})")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("factedit").setLevel(logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     steps = args.steps or STEPS.get(args.shape, 20)
     build = time.perf_counter()
@@ -107,31 +156,21 @@ def main():
     base = dict(layer=layer, v_num_grad_steps=steps, seed=0)
     if args.shape:
         base["loss_threshold"] = 0.0  # random weights: run every step
-    facts = FACTS[: args.facts]
-    rows = {}
-    for label, path in (GPU_PATHS if device == "cuda" else CPU_PATHS):
-        warm = edit(model, tokenizer, facts[0], stats=stats, hparams={**base, **path, "v_num_grad_steps": 2})
-        revert_edits(model, warm.backup)  # warm-up: context templates cached, kernels loaded
-        seconds, quality, total = {"check": 0.0, "templates": 0.0, "key": 0.0, "value": 0.0, "update": 0.0, "prepare": 0.0, "fit": 0.0}, [], 0.0
-        for fact in facts:  # only edit() is timed: the probes and the revert below are not part of an edit
-            synchronize()
-            start = time.perf_counter()
-            edits = edit(model, tokenizer, fact, stats=stats, hparams={**base, **path})
-            synchronize()
-            total += (time.perf_counter() - start) / len(facts)
-            for k, v in {**edits[0].info["seconds"], **edits[0].info["value_seconds"]}.items():
-                seconds[k] += v / len(facts)
-            if args.shape:  # random weights: how far v* got (the same for every path, up to rounding)
-                quality.append((edits[0].info["steps"], edits[0].info["final_loss"], edits[0].info["p_target"]))
-            else:
-                quality.append((edits[0].info["steps"], first_token_prob(model, tokenizer, fact.text, fact.target_new),
-                                first_token_prob(model, tokenizer, fact.generalization_probes[0], fact.target_new),
-                                first_token_prob(model, tokenizer, fact.specificity_probes[0], fact.target_new)))
-            revert_edits(model, edits.backup)
-        rows[label] = (seconds, total, quality)
-        print(f"{label}: {rows[label][1]:.3f} s/edit", flush=True)
+    facts = FACTS[: args.facts] if not args.records else dev_facts(args.records)
+    paths = GPU_PATHS if device == "cuda" else [CPU_PATHS[key] for key in args.paths.split(",")]
+    for label, path in paths:  # warm-up: context templates cached, kernels loaded, the frozen-prefix check made
+        revert_edits(model, edit(model, tokenizer, facts[0], stats=stats, hparams={**base, **path, "v_num_grad_steps": 2}).backup)
+    runs = {label: [] for label, _ in paths}  # label -> [(seconds by part, total, quality)] one per fact and round
+    for round_ in range(args.repeats):  # paths interleaved round by round: a drifting machine load hits each alike
+        for label, path in paths:
+            for fact in facts:
+                runs[label].append(time_edit(model, tokenizer, fact, stats, {**base, **path}, args.shape))
+            print(f"round {round_ + 1}: {label}: {median([r[1] for r in runs[label]]):.3f} s/edit (median so far)", flush=True)
+    rows = {label: summarize(r) for label, r in runs.items()}
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"device: {name}, model: {args.shape or 'smollm2_135m'}, layer {layer}, {steps} max steps, {len(facts)} facts")
+    what = f"the first {len(facts)} CounterFact dev records" if args.records else f"{len(facts)} facts"
+    print(f"device: {name}, model: {args.shape or 'smollm2_135m'}, layer {layer}, {steps} max steps, {what}, "
+          f"{args.repeats} rounds, medians over facts and rounds; torch threads {torch.get_num_threads()}, native bf16 {native_bf16(model.device)}")
     columns = ("v* steps | final loss | P(target)" if args.shape else "v* steps | P(new) edit | P(new) paraphrase | P(new) neighbour")
     reference = REFERENCE_H200.get(args.shape) if device == "cuda" else None
     print(f"| path | check s | templates s | key s | v* s (prepare + fit) | update s | other s | total s/edit | speed-up | vs reference | {columns} |")

@@ -18,7 +18,7 @@ from factedit.baselines import attention_second_moment, attn_late_hparams, fine_
 from factedit.data.wikipedia import WikipediaDataModule
 from factedit.hooks import Trace
 from factedit.data.counterfact import DEV_FILE, CounterFactDataModule, Record, load_records
-from factedit.evaluation.command import check_settings, run
+from factedit.evaluation.command import check_settings, outcome_config, run
 from factedit.evaluation.editors import RankOneEdit
 from factedit.evaluation.generation import TfIdf, generation_entropy, ngram_entropy, text_entropy, wikipedia_tfidf
 from factedit.evaluation.metrics import CounterFactMetrics, EditScore, RecordMean, harmonic_mean
@@ -28,6 +28,7 @@ from factedit.evaluation.probabilities import (measure_record, pack_rows, pair_t
 from factedit.evaluation.report import CHANGE_KEYS, change_from_unedited, compare, score_difference
 from factedit.paths import CONFIG_DIR, REPO_ROOT
 from factedit.rome import edit
+from factedit.rome.low_precision import native_bf16
 
 RECORD = Record(case_id=0, subject="Eiffel Tower", prompt="The {} is located in", target_new="Sagrada Familia of Barcelona",
                 target_true="Paris", relation_id="P131", paraphrase_prompts=["Tourists visit the Eiffel Tower in"],
@@ -306,8 +307,20 @@ def test_ft_run_writes_lines_and_a_summary_and_resumes(tmp_path):
     with pytest.raises(FacteditError, match="other settings"):
         run(compose_cfg(*options, "editor.steps=3"))
     # options that change no number on this CPU (how steps run on a GPU) do not block resuming
-    execution_only = ("+editor.cuda_graph=true", "+editor.bf16=true", "+editor.fused_activations=false")
+    execution_only = ("+editor.cuda_graph=true", "+editor.fused_activations=false")
     assert json.loads((run(compose_cfg(*options, *execution_only)) / "summary.json").read_text())["records_this_run"] == 0
+
+
+def test_bf16_counts_as_it_resolves_on_this_device():
+    """bf16 changes a run's numbers where the hardware has bfloat16 (then a run resumes only with the
+    same setting) and nothing where it falls back to float32; tf32 only on a GPU."""
+    cpu, native = torch.device("cpu"), native_bf16(torch.device("cpu"))
+    execution = {"cuda_graph": True, "fused_activations": False, "tf32": True}
+    assert outcome_config({"bf16": "auto", **execution}, cpu) == {"bf16": native}
+    assert outcome_config({"bf16": True}, cpu) == {"bf16": native}
+    assert outcome_config({"bf16": False}, cpu) == {"bf16": False}
+    with pytest.raises(FacteditError, match="editor.bf16='half'"):
+        outcome_config({"bf16": "half"}, cpu)
 
 
 def test_a_run_saved_before_an_option_existed_resumes_only_with_the_old_behaviour(tmp_path):
@@ -315,6 +328,9 @@ def test_a_run_saved_before_an_option_existed_resumes_only_with_the_old_behaviou
     (tmp_path / "settings.json").write_text(json.dumps(saved))
     now = {"editor": "rome", "editor_config": {"name": "rome", "update": "fixed", "loss_threshold": 0.05}}
     check_settings(tmp_path, {**now, "editor_config": {**now["editor_config"], "stop_on": "loss"}})  # what the old run did
+    check_settings(tmp_path, {**now, "editor_config": {**now["editor_config"], "stop_on": "loss", "bf16": False}})  # CPU: float32
+    with pytest.raises(FacteditError, match="editor_config differ"):
+        check_settings(tmp_path, {**now, "editor_config": {**now["editor_config"], "stop_on": "loss", "bf16": True}})
     with pytest.raises(FacteditError, match="editor_config differ"):
         check_settings(tmp_path, {**now, "editor_config": {**now["editor_config"], "stop_on": "nll"}})
 

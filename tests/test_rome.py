@@ -13,6 +13,7 @@ from factedit.rome.context import context_templates
 from factedit.rome.compute_value import GRAPH_WARMUP, ValueOptimizer, build_value_batch, compute_value
 from factedit.rome.frozen_prefix import can_freeze, frozen_context
 from factedit.rome.fused_activations import TanhGELU, fused_activations
+from factedit.rome.low_precision import bf16_fit, native_bf16, resolve_bf16
 from factedit.rome.update import delta_weight, rank_one_update, solve_second_moment
 
 FACT = Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Rome", target_true="Paris")
@@ -222,17 +223,46 @@ def test_cuda_graph_fit_stops_after_the_step_the_eager_fit_stops_after(tiny_llam
     assert torch.allclose(eager.delta, graphed.delta, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_bf16_value_fit_follows_the_float32_fit(tiny_llama):
-    """bfloat16 autocast (graphed) follows the float32 fit step by step, to bf16 rounding (on this
-    random model δ jumps to the clamp at the first step and stays there in both)."""
+NATIVE_BF16 = [pytest.param("cpu", marks=pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="no AVX512-BF16/AMX")),
+               pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.mark.parametrize("device", NATIVE_BF16)
+def test_bf16_value_fit_follows_the_float32_fit(tiny_llama, device):
+    """bfloat16 (frozen run and steps; graphed on a GPU) follows the float32 fit step by step, to bf16
+    rounding (on this random model δ jumps to the clamp at the first step and stays there in both),
+    and leaves the model's float32 weights bitwise as they were."""
     tokenizer = tiny_llama[1]
-    model = _family_model("llama", "sdpa", tokenizer).float().cuda()
+    model = _family_model("llama", "sdpa", tokenizer).float().to(device)
+    before = {name: p.clone() for name, p in model.named_parameters()}
     fits = [compute_value(model, tokenizer, FACT, 1, TEMPLATES, dict(v_num_grad_steps=8, loss_threshold=0.0, tf32=False, bf16=bf16))
             for bf16 in (False, True)]
     full, half = ([h["loss"] for h in fit.history] for fit in fits)
     assert all(abs(a - b) <= 0.03 * abs(a) + 1e-3 for a, b in zip(full, half)), (full, half)
     assert full[0] != full[-1] and torch.nn.functional.cosine_similarity(fits[0].delta, fits[1].delta, dim=0) > 0.95
+    assert fits[1].delta.dtype == torch.float32 and fits[1].initial_value.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_bf16_fit_swaps_the_reached_matrices_and_puts_the_originals_back(tiny_llama):
+    model = tiny_llama[0]
+    originals = {name: p for name, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with bf16_fit(model, first_layer=1):
+            inside = dict(model.named_parameters())
+            raise RuntimeError("inside")
+    low = {name for name, p in inside.items() if p.dtype == torch.bfloat16}
+    assert "model.layers.1.mlp.down_proj.weight" in low and "model.layers.1.self_attn.q_proj.weight" in low
+    assert "model.layers.0.mlp.down_proj.weight" not in low and "model.layers.1.input_layernorm.weight" not in low
+    assert "lm_head.weight" in low and "model.embed_tokens.weight" not in low  # a tied unembedding is untied meanwhile
+    assert all(p is originals[name] for name, p in model.named_parameters())  # the same tensors, not copies
+
+
+def test_bf16_setting_resolves_to_what_the_hardware_runs():
+    cpu = torch.device("cpu")
+    assert resolve_bf16("auto", cpu) == resolve_bf16(True, cpu) == native_bf16(cpu) and resolve_bf16(False, cpu) is False
+    with pytest.raises(FacteditError, match="true, false or auto"):
+        resolve_bf16("yes", cpu)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import lightning
+import torch
 from omegaconf import OmegaConf
 
 from factedit.data.counterfact import DEV_FILE, CounterFactDataModule, Record, Skipped, load_records, relations_of
@@ -15,6 +16,7 @@ from factedit.evaluation.module import CounterFactEvaluator, drop_incomplete_lin
 from factedit.evaluation.report import build_summary, change_from_unedited, compare, write_run_report
 from factedit.io import write_json
 from factedit.models import load_model, model_fingerprint
+from factedit.rome.low_precision import resolve_bf16
 from factedit.paths import CHECKPOINT_DIR, REPO_ROOT
 from factedit.tokens import special_prefix
 
@@ -43,25 +45,30 @@ def run_settings(cfg, model, tokenizer, editor) -> dict:
     return {"model": str(cfg.model.name), "fingerprint": model_fingerprint(model), "special_prefix": special_prefix(tokenizer),
             "editor": editor_name(cfg, editor),
             "stats": getattr(editor, "stats_digest", None),
-            "editor_config": outcome_config(OmegaConf.to_container(cfg.editor, resolve=True), model.device.type == "cuda"),
+            "editor_config": outcome_config(OmegaConf.to_container(cfg.editor, resolve=True), model.device),
             "model_rome": OmegaConf.to_container(cfg.model.get("rome", {}), resolve=True),
             "data": str(cfg.data.path or DEV_FILE), "gen": OmegaConf.to_container(cfg.gen, resolve=True) if cfg.gen else False,
             "pre": bool(cfg.pre), "seed": int(cfg.seed), "edits": str(cfg.edits) if cfg.edits else None}
 
 
 EXECUTION_ONLY = {"cuda_graph", "fused_activations"}  # how v* steps run, not what they compute (equal to rounding)
-GPU_ONLY = {"tf32", "bf16"}       # change the numbers on a GPU only
+GPU_ONLY = {"tf32"}  # changes the numbers on a GPU only
 
 
-def outcome_config(editor_config: dict, on_gpu: bool) -> dict:
-    """The editor options that can change a run's numbers on this device (a run resumes across the others)."""
-    ignored = EXECUTION_ONLY | (set() if on_gpu else GPU_ONLY)
-    return {k: v for k, v in editor_config.items() if k not in ignored}
+def outcome_config(editor_config: dict, device: torch.device) -> dict:
+    """The editor options that can change a run's numbers on this device (a run resumes across the
+    others); bf16 as it resolves here (auto: whether this hardware has bfloat16)."""
+    ignored = EXECUTION_ONLY | (set() if device.type == "cuda" else GPU_ONLY)
+    config = {k: v for k, v in editor_config.items() if k not in ignored}
+    if "bf16" in config:
+        config["bf16"] = resolve_bf16(config["bf16"], device)
+    return config
 
 
 # Options an editor gained after runs were already saved, with the behaviour a saved run had without
 # them: a saved config that lacks one of these is read with this value (not today's default, which may differ).
-ADDED_OPTIONS = {"rome": {"stop_on": "loss"}, "attn_late": {"stop_on": "loss"}}
+# bf16 was GPU-only before, so a CPU run saved then has none and ran in float32.
+ADDED_OPTIONS = {"rome": {"stop_on": "loss", "bf16": False}, "attn_late": {"stop_on": "loss", "bf16": False}}
 
 
 def _as_now(saved: dict, current: dict, editor: str) -> dict:

@@ -19,6 +19,7 @@ from factedit.errors import FacteditError
 from factedit.hooks import Trace, add_at_positions
 from factedit.rome.frozen_prefix import LiveBatch, can_freeze, frozen_context
 from factedit.rome.fused_activations import fused_activations
+from factedit.rome.low_precision import bf16_fit, resolve_bf16
 from factedit.tokens import fill_subject, subject_token_range
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class ValueOptimizer(lightning.LightningModule):
         self.delta = torch.nn.Parameter(torch.zeros_like(self.initial_value))
         self.history: list[dict] = []
         self.cuda_graph = bool(cuda_graph) and live is not None and self.initial_value.is_cuda
-        self.bf16 = bool(bf16) and self.initial_value.is_cuda
+        self.bf16 = bool(bf16)  # resolved by compute_value (low_precision.resolve_bf16)
         self._graph, self._graph_losses, self._eager_steps = None, None, 0
         self._pending, self._delta_before = None, None  # the replayed step whose losses are not read yet; δ before it
 
@@ -159,7 +160,7 @@ class ValueOptimizer(lightning.LightningModule):
         whole step can be captured as one CUDA graph.
         """
         self.delta.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):  # no cache: graph-safe
+        with torch.autocast(self.delta.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):  # no cache: graph-safe
             parts = self.losses(self.delta)
         parts["loss"].backward()
         optimizer.step()
@@ -284,9 +285,11 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
 
     fast (default true): the frozen context (frozen_prefix.py), logits only where the loss reads
     them, and (fused_activations, default true) one-kernel activations; fast=false is the straightforward loop.
-    On a GPU: hparams tf32 (default true) lets the v* matrix products use TF32, cuda_graph
-    replays each whole step (forward, backward, Adam, clamp) as one CUDA graph, and bf16 runs the
-    step's forward and backward under bfloat16 autocast (δ, Adam and the update stay float32/64).
+    On a GPU: hparams tf32 (default true) lets the v* matrix products use TF32, and cuda_graph
+    replays each whole step (forward, backward, Adam, clamp) as one CUDA graph. bf16 (true, false,
+    auto: where the hardware has it, GPU or CPU) runs the frozen run and each step's forward and
+    backward under bfloat16 autocast with the reached weights cast once (low_precision.py); δ, Adam
+    and the update stay float32/64.
     """
     start = time.perf_counter()
     batch = build_value_batch(tokenizer, fact.prompt, fact.subject, fact.target_new, context_templates, model.device)
@@ -297,16 +300,18 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
                     model.config._attn_implementation, getattr(model.config, "sliding_window", None))
     fuse = fast and hparams.get("fused_activations", True)
     fused = fused_activations(model) if fuse else contextlib.nullcontext()  # around the frozen run too: one function
-    frozen = frozen_context(model, layer, batch) if freeze else contextlib.nullcontext()
+    bf16 = resolve_bf16(hparams.get("bf16", False), model.device, model.dtype)
+    frozen = frozen_context(model, layer, batch, bf16) if freeze else contextlib.nullcontext()
     with matmul_precision(model, bool(hparams.get("tf32", True))), fused, frozen as live:  # the frozen run in TF32 too
         quiet_warnings()
-        module = ValueOptimizer(model, batch, layer, live=live, **{k: v for k, v in hparams.items() if k != "layer"})
+        module = ValueOptimizer(model, batch, layer, live=live, **{k: v for k, v in hparams.items() if k not in ("layer", "bf16")}, bf16=bf16)
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
         prepared = time.perf_counter()
         accelerator = "gpu" if model.device.type == "cuda" else "cpu"  # never move the model elsewhere
         trainer = lightning.Trainer(**{**_VALUE_TRAINER, **(trainer_kwargs or {}), "accelerator": accelerator, "max_epochs": 1})
-        trainer.fit(module)
+        with bf16_fit(model, layer, bf16):
+            trainer.fit(module)
     module.to(model.device)  # Lightning's teardown moved δ and v₀ to the CPU
     module.seconds = {"prepare": prepared - start, "fit": time.perf_counter() - prepared}  # frozen context + v₀; Trainer
     last = module.history[-1] if module.history else {}

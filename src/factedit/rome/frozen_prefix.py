@@ -88,9 +88,9 @@ def _live_mask(first: torch.Tensor, n_frozen: int, n_live: int) -> torch.Tensor:
     return torch.cat([frozen, live], dim=-1)[:, None]
 
 
-def _frozen_run(model, layer: int, batch: dict):
+def _frozen_run(model, layer: int, batch: dict, bf16: bool = False):
     """One full forward at δ = 0: layer L's input and the final norm's output (rows, seq, d), and
-    every layer's keys/values."""
+    every layer's keys/values, in the model's dtype (bf16: the products under bfloat16 autocast)."""
     name, final = module_name(model, "layer", layer), module_name(model, "final_norm")
     returns_tuple, skip_logits = [], {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
@@ -98,22 +98,27 @@ def _frozen_run(model, layer: int, batch: dict):
     handle = get_module(model, module_name(model, "layer", 0)).register_forward_hook(
         lambda module, inputs, output: returns_tuple.append(isinstance(output, tuple)))
     try:
-        with torch.no_grad(), Trace(model, [name, final], retain_input=True) as trace:
+        with torch.no_grad(), _autocast(model, bf16), Trace(model, [name, final], retain_input=True) as trace:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True, **skip_logits)
     finally:
         handle.remove()
     cache = getattr(out, "cache", None)  # transformers >= 5.2x; earlier: past_key_values
     cache = out.past_key_values if cache is None else cache
-    keys, values = [c.keys for c in cache.layers], [c.values for c in cache.layers]
-    return trace[name].input, trace[final].output, keys, values, returns_tuple[0]
+    dtype = model.dtype  # under autocast some come out bfloat16
+    keys, values = [c.keys.to(dtype) for c in cache.layers], [c.values.to(dtype) for c in cache.layers]
+    return trace[name].input.to(dtype), trace[final].output.to(dtype), keys, values, returns_tuple[0]
 
 
-def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid: torch.Tensor) -> bool:
+def _autocast(model, bf16: bool):
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid: torch.Tensor, bf16: bool) -> bool:
     """Whether the live forward at δ = 0 gives the full run's final hidden states (a check of the
     model code's cache and mask handling, made once per model)."""
     final = module_name(model, "final_norm")
     try:
-        with torch.no_grad(), Trace(model, final, stop=True) as trace:
+        with torch.no_grad(), _autocast(model, bf16), Trace(model, final, stop=True) as trace:
             model(**live.inputs)
         got = trace[final].output[valid]
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as error:
@@ -121,8 +126,9 @@ def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid:
                     type(model).__name__, str(error).splitlines()[0])
         return False
     wanted = expected[valid]
-    # a cache or mask the model code mishandles moves hidden states by O(their size); TF32 rounding, ~1e-3
-    tolerance = 1e-3 if torch.get_float32_matmul_precision() == "highest" or got.dtype == torch.float64 else 1e-2
+    # a cache or mask the model code mishandles moves hidden states by O(their size); TF32 rounding ~1e-3, bfloat16 ~1e-2
+    exact = torch.get_float32_matmul_precision() == "highest" or got.dtype == torch.float64
+    tolerance = 5e-2 if bf16 else 1e-3 if exact else 1e-2
     if got.shape != wanted.shape or (got - wanted).abs().max() > tolerance * wanted.abs().max():
         log.warning("v* runs the full forward each step: %s gives other hidden states from frozen keys/values",
                     type(model).__name__)
@@ -131,8 +137,9 @@ def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid:
 
 
 @contextlib.contextmanager
-def frozen_context(model, layer: int, batch: dict):
+def frozen_context(model, layer: int, batch: dict, bf16: bool = False):
     """Yield the LiveBatch of `batch` (from build_value_batch); layers 0..L-1 replay inside the block.
+    bf16: the frozen run's products under bfloat16 autocast (for a bf16 fit; its caches are float32).
 
     Yields None (the caller then runs the full forward) when this model class's code does not
     reproduce the full run from frozen keys/values; checked on its first use (`can_freeze` is then
@@ -142,7 +149,7 @@ def frozen_context(model, layer: int, batch: dict):
     n_frozen, n_live = int(first.max()), int((lengths - first).max())
     checked = _model_key(model)
     try:
-        hidden, final_hidden, keys, values, as_tuple = _frozen_run(model, layer, batch)
+        hidden, final_hidden, keys, values, as_tuple = _frozen_run(model, layer, batch, bf16)
     except (AttributeError, TypeError) as error:  # a cache without per-layer keys/values
         log.warning("v* runs the full forward each step: no frozen keys/values (%s)", error)
         _CHECKED[checked] = False
@@ -168,7 +175,7 @@ def frozen_context(model, layer: int, batch: dict):
         if checked not in _CHECKED:
             valid = positions < lengths[:, None]
             expected = final_hidden.gather(1, index[..., None].expand(-1, -1, final_hidden.shape[-1]))
-            _CHECKED[checked] = _replays_the_full_run(model, live, expected, valid)
+            _CHECKED[checked] = _replays_the_full_run(model, live, expected, valid, bf16)
             if not _CHECKED[checked]:
                 _restore(layers, originals)
         yield live if _CHECKED[checked] else None

@@ -1,0 +1,85 @@
+"""bfloat16 v* steps where the hardware multiplies bfloat16 natively (editor.bf16).
+
+Under `torch.autocast` every v* step casts each float32 weight it multiplies to bfloat16 again,
+because autocast caches casts of trainable weights only and the model's are frozen: at SmolLM2-135M
+that is ~95M weights read and written per step, a sixth of a CPU step. `bf16_fit` casts the
+matrices of the layers δ reaches (L and above, and the unembedding) once for the whole fit and
+puts the original float32 tensors back afterwards, so the weights are bitwise those of before.
+Norms, biases and the residual stream stay float32 (autocast casts each product's input). The
+copies take 2 bytes per weight; a GPU without that much free memory keeps casting per step instead.
+
+On the CPU, PyTorch's fused attention kernel is ~7× slower backward in bfloat16 than in float32
+at these shapes (a few queries against a few dozen keys), so attention there runs through the
+math backend, whose matrix products are bfloat16 too.
+"""
+import contextlib
+import logging
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from factedit.architectures import architecture_of, get_module, module_name
+
+log = logging.getLogger(__name__)
+_CPU_FLAGS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 products run in hardware here: a GPU that has them, or a CPU with
+    AVX512-BF16 or AMX (elsewhere oneDNN emulates bfloat16, far slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and any(getattr(torch.cpu, flag, lambda: False)() for flag in _CPU_FLAGS)
+
+
+def resolve_bf16(setting, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """editor.bf16: true/false, or "auto" (bfloat16 where `native_bf16`). true on hardware without
+    native bfloat16 falls back to float32: emulated bfloat16 would only be slower. Only a float32
+    model runs its v* in bfloat16 (float64 is for reference runs; half-precision models already are)."""
+    if setting == "auto" or setting is True:
+        return native_bf16(device) and dtype == torch.float32
+    if setting is False or setting is None:
+        return False
+    from factedit.errors import FacteditError
+
+    raise FacteditError(f"editor.bf16={setting!r}: use true, false or auto")
+
+
+def _matrices(model, first_layer: int) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
+    """(module, weight) of every 2-D weight in layers first_layer.. and of the unembedding."""
+    layers = get_module(model, architecture_of(model).layers)
+    modules = [m for i in range(first_layer, len(layers)) for m in layers[i].modules()]
+    modules.append(get_module(model, module_name(model, "lm_head")))
+    return [(m, m._parameters["weight"]) for m in modules
+            if isinstance(m._parameters.get("weight"), torch.Tensor) and m._parameters["weight"].dim() == 2
+            and not isinstance(m, torch.nn.Embedding)]
+
+
+def _room_for(model, matrices) -> bool:
+    """Whether bfloat16 copies of `matrices` fit in the GPU's free memory with 1 GiB to spare (always on a CPU)."""
+    if model.device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return free > 2 * sum(weight.numel() for _, weight in matrices) + (1 << 30)
+
+
+@contextlib.contextmanager
+def bf16_fit(model, first_layer: int, enabled: bool = True):
+    """Inside the block: the weights δ reaches are bfloat16 copies, and (CPU) attention uses the
+    math backend. The float32 parameters themselves are put back afterwards (also after an error)."""
+    if not enabled:
+        yield
+        return
+    originals = _matrices(model, first_layer)
+    if not _room_for(model, originals):
+        log.info("bf16 v*: no GPU memory for bfloat16 weight copies; autocast casts the weights each step")
+        originals = []
+    attention = sdpa_kernel([SDPBackend.MATH]) if model.device.type == "cpu" else contextlib.nullcontext()
+    try:
+        for module, weight in originals:
+            module._parameters["weight"] = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+        with attention:
+            yield
+    finally:
+        for module, weight in originals:
+            module._parameters["weight"] = weight
