@@ -58,11 +58,11 @@ CPU_PATHS = {  # --paths key: (label, hparams)
     "fast-nll": ("fast, stop_on=nll", dict(fast=True, stop_on="nll", bf16=False)),
     "default": ("fast bf16, stop_on=nll (default)", dict(fast=True, stop_on="nll", bf16="auto")),
 }
-GPU_PATHS = [("straightforward fp32", dict(fast=False, tf32=False)),
-             ("fast tf32", dict(fast=True, tf32=True, cuda_graph=False)),
-             ("fast tf32 + graphs, unfused GELU", dict(fast=True, tf32=True, cuda_graph=True, fused_activations=False)),
-             ("fast tf32 + graphs (default)", dict(fast=True, tf32=True, cuda_graph=True)),
-             ("fast bf16 + graphs", dict(fast=True, tf32=True, cuda_graph=True, bf16=True))]
+GPU_PATHS = [("straightforward fp32", dict(fast=False, tf32=False, bf16=False)),
+             ("fast tf32", dict(fast=True, tf32=True, cuda_graph=False, bf16=False)),
+             ("fast tf32 + graphs, unfused GELU", dict(fast=True, tf32=True, cuda_graph=True, fused_activations=False, bf16=False)),
+             ("fast tf32 + graphs", dict(fast=True, tf32=True, cuda_graph=True, bf16=False)),
+             ("fast bf16 + graphs (default)", dict(fast=True, tf32=True, cuda_graph=True, bf16="auto"))]
 
 
 def default_layer(shape: str | None, model) -> int:

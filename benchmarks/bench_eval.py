@@ -14,7 +14,7 @@ Lightning loop (editor=none, gen=false: measure before and after, restore).
     python benchmarks/bench_eval.py --shape gpt2-xl --rome   # random weights at a real shape (GPU), plus ROME loops
 
 With --rome the table also times the whole evaluation with ROME (edit, measure before and after,
-restore): the default path (fast v*, batched measurement; on a GPU TF32 + CUDA graphs) against a
+restore): the default path (fast v*, batched measurement, bfloat16 v* where the hardware has it; on a GPU CUDA graphs) against a
 straightforward one (full forward and every position's logits at each v* step, one forward per
 prompt and target). With random weights (--shape) every v* step runs (loss_threshold 0) and the
 identity stands in for C (the update costs the same).
@@ -86,7 +86,7 @@ def rome_editors(model, shape: str | None) -> dict[str, tuple[RankOneEdit, bool]
         d_mlp = as_out_in(model, rewrite_weight(model, layer)).shape[1]
         second_moment = torch.eye(d_mlp, dtype=torch.float64, device=model.device)
     return {"evaluate loop, editor=rome, straightforward (full-forward v*, 1 forward per prompt and target)":
-            (RankOneEdit("rome", {**hparams, "fast": False, "tf32": False, "cuda_graph": False}, second_moment), False),
+            (RankOneEdit("rome", {**hparams, "fast": False, "tf32": False, "cuda_graph": False, "bf16": False}, second_moment), False),
             "evaluate loop, editor=rome, default": (RankOneEdit("rome", hparams, second_moment), True)}
 
 

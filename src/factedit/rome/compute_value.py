@@ -315,7 +315,8 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
     module.to(model.device)  # Lightning's teardown moved δ and v₀ to the CPU
     module.seconds = {"prepare": prepared - start, "fit": time.perf_counter() - prepared}  # frozen context + v₀; Trainer
     last = module.history[-1] if module.history else {}
-    log.info("v*: %d steps, loss %.4f, P(target) %.3f, |δ|/|v₀| %.2f", len(module.history), last.get("loss", math.nan),
+    log.info("v*: %d steps in %s, loss %.4f, P(target) %.3f, |δ|/|v₀| %.2f", len(module.history),
+             "bfloat16" if bf16 else str(model.dtype).removeprefix("torch."), last.get("loss", math.nan),
              last.get("p_target", math.nan), (module.delta.norm() / module.initial_value.norm()).item())
     return module
 
