@@ -19,6 +19,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from factedit.architectures import architecture_of, get_module, module_name
+from factedit.errors import FacteditError
 
 log = logging.getLogger(__name__)
 _CPU_FLAGS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -40,8 +41,6 @@ def resolve_bf16(setting, device: torch.device, dtype: torch.dtype = torch.float
         return native_bf16(device) and dtype == torch.float32
     if setting is False or setting is None:
         return False
-    from factedit.errors import FacteditError
-
     raise FacteditError(f"editor.bf16={setting!r}: use true, false or auto")
 
 
