@@ -393,9 +393,11 @@ def test_bare_prompt_key_gets_the_whole_shift_only_with_two_keys(tiny_llama, upd
         revert_edits(model, edits.backup)
 
 
-def test_unknown_update_is_a_one_line_error_and_leaves_the_weights(tiny_llama):
+def test_unknown_update_or_precision_is_a_one_line_error_and_leaves_the_weights(tiny_llama):
     model, tokenizer = tiny_llama
     before = rewrite_weight(model, 1).clone()
     with pytest.raises(FacteditError, match="editor.update must be one of fixed, original, two_keys, not 'rank2'"):
         edit(model, tokenizer, FACT, stats=_stats_for(model), hparams={**HP, "update": "rank2"})
+    with pytest.raises(FacteditError, match="editor.bf16='half': use true, false or auto"):
+        edit(model, tokenizer, FACT, stats=_stats_for(model), hparams={**HP, "bf16": "half"})
     assert torch.equal(rewrite_weight(model, 1), before)

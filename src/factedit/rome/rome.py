@@ -13,6 +13,7 @@ from factedit.rome.compute_value import build_value_batch, compute_value
 from factedit.rome.context import context_templates
 from factedit.rome.edits import Edit, WeightBackup, apply_edits
 from factedit.rome.facts import Fact, fact_from_config
+from factedit.rome.low_precision import resolve_bf16
 from factedit.rome.update import rank_one_update
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict
     layer = check_layer(model, hp["layer"])
     if hp["update"] not in UPDATES:  # before the v* fit, not after it
         raise FacteditError(f"editor.update must be one of {', '.join(UPDATES)}, not {hp['update']!r}")
+    resolve_bf16(hp.get("bf16", False), model.device)  # a bad editor.bf16 fails here, before the work
     timings, start = {}, time.perf_counter()
     _check_not_known(model, tokenizer, fact)
     timings["check"], start = time.perf_counter() - start, time.perf_counter()
