@@ -121,7 +121,7 @@ def time_edit(model, tokenizer, fact, stats, hparams, shape):
 
 def summarize(runs):
     """Median seconds of each part and in total; mean quality."""
-    seconds = {k: median([r[0].get(k, 0.0) for r in runs]) for k in ("check", "templates", "key", "value", "update", "prepare", "fit")}
+    seconds = {k: median([r[0].get(k, 0.0) for r in runs]) for k in PARTS + ("prepare", "fit")}
     return seconds, median([r[1] for r in runs]), [r[2] for r in runs]
 
 

@@ -319,6 +319,7 @@ def test_bf16_counts_as_it_resolves_on_this_device():
     assert outcome_config({"bf16": "auto", **execution}, cpu) == {"bf16": native}
     assert outcome_config({"bf16": True}, cpu) == {"bf16": native}
     assert outcome_config({"bf16": False}, cpu) == {"bf16": False}
+    assert outcome_config({"bf16": "auto"}, cpu, torch.float64) == {"bf16": False}  # a float64 model runs float64
     with pytest.raises(FacteditError, match="editor.bf16='half'"):
         outcome_config({"bf16": "half"}, cpu)
 

@@ -45,7 +45,7 @@ def run_settings(cfg, model, tokenizer, editor) -> dict:
     return {"model": str(cfg.model.name), "fingerprint": model_fingerprint(model), "special_prefix": special_prefix(tokenizer),
             "editor": editor_name(cfg, editor),
             "stats": getattr(editor, "stats_digest", None),
-            "editor_config": outcome_config(OmegaConf.to_container(cfg.editor, resolve=True), model.device),
+            "editor_config": outcome_config(OmegaConf.to_container(cfg.editor, resolve=True), model.device, model.dtype),
             "model_rome": OmegaConf.to_container(cfg.model.get("rome", {}), resolve=True),
             "data": str(cfg.data.path or DEV_FILE), "gen": OmegaConf.to_container(cfg.gen, resolve=True) if cfg.gen else False,
             "pre": bool(cfg.pre), "seed": int(cfg.seed), "edits": str(cfg.edits) if cfg.edits else None}
@@ -55,13 +55,13 @@ EXECUTION_ONLY = {"cuda_graph", "fused_activations"}  # how v* steps run, not wh
 GPU_ONLY = {"tf32"}  # changes the numbers on a GPU only
 
 
-def outcome_config(editor_config: dict, device: torch.device) -> dict:
+def outcome_config(editor_config: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
     """The editor options that can change a run's numbers on this device (a run resumes across the
-    others); bf16 as it resolves here (auto: whether this hardware has bfloat16)."""
+    others); bf16 as it resolves here for a model of `dtype` (auto: whether this hardware has bfloat16)."""
     ignored = EXECUTION_ONLY | (set() if device.type == "cuda" else GPU_ONLY)
     config = {k: v for k, v in editor_config.items() if k not in ignored}
     if "bf16" in config:
-        config["bf16"] = resolve_bf16(config["bf16"], device)
+        config["bf16"] = resolve_bf16(config["bf16"], device, dtype)
     return config
 
 

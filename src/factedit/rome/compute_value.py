@@ -19,7 +19,7 @@ from factedit.errors import FacteditError
 from factedit.hooks import Trace, add_at_positions
 from factedit.rome.frozen_prefix import LiveBatch, can_freeze, frozen_context
 from factedit.rome.fused_activations import fused_activations
-from factedit.rome.low_precision import bf16_fit, resolve_bf16
+from factedit.rome.low_precision import bf16_autocast, bf16_fit, resolve_bf16
 from factedit.tokens import fill_subject, subject_token_range
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class ValueOptimizer(lightning.LightningModule):
         whole step can be captured as one CUDA graph.
         """
         self.delta.grad = None
-        with torch.autocast(self.delta.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):  # no cache: graph-safe
+        with bf16_autocast(self.delta.device, self.bf16):
             parts = self.losses(self.delta)
         parts["loss"].backward()
         optimizer.step()

@@ -17,6 +17,7 @@ import torch
 
 from factedit.architectures import architecture_of, get_module, module_name
 from factedit.hooks import Trace, as_attention_mask, attention_mask_kind, cache_parameter
+from factedit.rome.low_precision import bf16_autocast
 
 log = logging.getLogger(__name__)
 _CHECKED: dict[tuple, bool] = {}  # (model class, attention) -> whether its live forward matched the full one
@@ -98,7 +99,7 @@ def _frozen_run(model, layer: int, batch: dict, bf16: bool = False):
     handle = get_module(model, module_name(model, "layer", 0)).register_forward_hook(
         lambda module, inputs, output: returns_tuple.append(isinstance(output, tuple)))
     try:
-        with torch.no_grad(), _autocast(model, bf16), Trace(model, [name, final], retain_input=True) as trace:
+        with torch.no_grad(), bf16_autocast(model.device, bf16), Trace(model, [name, final], retain_input=True) as trace:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True, **skip_logits)
     finally:
         handle.remove()
@@ -109,16 +110,13 @@ def _frozen_run(model, layer: int, batch: dict, bf16: bool = False):
     return trace[name].input.to(dtype), trace[final].output.to(dtype), keys, values, returns_tuple[0]
 
 
-def _autocast(model, bf16: bool):
-    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
-
 
 def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid: torch.Tensor, bf16: bool) -> bool:
     """Whether the live forward at δ = 0 gives the full run's final hidden states (a check of the
     model code's cache and mask handling, made once per model)."""
     final = module_name(model, "final_norm")
     try:
-        with torch.no_grad(), _autocast(model, bf16), Trace(model, final, stop=True) as trace:
+        with torch.no_grad(), bf16_autocast(model.device, bf16), Trace(model, final, stop=True) as trace:
             model(**live.inputs)
         got = trace[final].output[valid]
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as error:

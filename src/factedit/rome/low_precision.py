@@ -33,6 +33,12 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and any(getattr(torch.cpu, flag, lambda: False)() for flag in _CPU_FLAGS)
 
 
+def bf16_autocast(device: torch.device, enabled: bool = True):
+    """bfloat16 autocast on `device` (a no-op when not enabled), for the frozen run and each v* step.
+    No cast cache: the frozen weights are never cached anyway, and a cache would not survive a CUDA graph."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
 def resolve_bf16(setting, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
     """editor.bf16: true/false, or "auto" (bfloat16 where `native_bf16`). true on hardware without
     native bfloat16 falls back to float32: emulated bfloat16 would only be slower. Only a float32
