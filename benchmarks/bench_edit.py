@@ -9,8 +9,13 @@ paraphrase, P(true) kept on a neighbour).
     python benchmarks/bench_edit.py                     # default model on this machine
     python benchmarks/bench_edit.py --shape gpt2-xl     # random weights at a real shape (GPU)
 
-On a GPU the fast path is timed with TF32 eagerly, with TF32 + CUDA graphs (the default), and with
-bf16 autocast + graphs; "vs reference" divides EasyEdit's ROME time on an H200 (issue #4) by ours.
+On a GPU the fast path is timed with TF32 or bfloat16 and CUDA graphs, each either captured for
+every edit (graph_cache=0) or kept from one edit to the next (the default); "vs reference" divides
+EasyEdit's ROME time on an H200 (issue #4) by ours. The "graphs" column counts the edits whose v*
+replayed a kept graph / captured one. Edit different facts (--records N) for a fair picture of kept
+graphs: a fact only reuses a graph captured for the same bucketed shapes.
+
+    python benchmarks/bench_edit.py --shape gpt2-xl --records 8 --data counterfact.json --baseline-facts 3
 """
 import argparse
 import logging
@@ -20,6 +25,7 @@ from statistics import median
 import torch
 
 from factedit import Fact, edit, load_model, revert_edits
+from factedit.rome import release_graphs
 from factedit.rome.low_precision import native_bf16
 from factedit.architectures import as_out_in, rewrite_weight
 from factedit.probes import next_token_logits
@@ -59,10 +65,10 @@ CPU_PATHS = {  # --paths key: (label, hparams)
     "default": ("fast bf16, stop_on=nll (default)", dict(fast=True, stop_on="nll", bf16="auto")),
 }
 GPU_PATHS = [("straightforward fp32", dict(fast=False, tf32=False, bf16=False)),
-             ("fast tf32", dict(fast=True, tf32=True, cuda_graph=False, bf16=False)),
-             ("fast tf32 + graphs, unfused GELU", dict(fast=True, tf32=True, cuda_graph=True, fused_activations=False, bf16=False)),
-             ("fast tf32 + graphs", dict(fast=True, tf32=True, cuda_graph=True, bf16=False)),
-             ("fast bf16 + graphs (default)", dict(fast=True, tf32=True, cuda_graph=True, bf16="auto"))]
+             ("fast tf32 + graphs captured per edit", dict(fast=True, tf32=True, cuda_graph=True, graph_cache=0, bf16=False)),
+             ("fast tf32 + graphs kept", dict(fast=True, tf32=True, cuda_graph=True, graph_cache=8, bf16=False)),
+             ("fast bf16 + graphs captured per edit", dict(fast=True, tf32=True, cuda_graph=True, graph_cache=0, bf16="auto")),
+             ("fast bf16 + graphs kept (default)", dict(fast=True, tf32=True, cuda_graph=True, graph_cache=8, bf16="auto"))]
 
 
 def default_layer(shape: str | None, model) -> int:
@@ -88,11 +94,11 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-def dev_facts(n: int) -> list[Fact]:
-    """The first n CounterFact dev records as facts (the probes: a paraphrase and a neighbour)."""
+def dev_facts(n: int, path=None) -> list[Fact]:
+    """The first n CounterFact records (default: the dev file) as facts (the probes: a paraphrase and a neighbour)."""
     from factedit.data.counterfact import DEV_FILE, load_records
 
-    records, _ = load_records(DEV_FILE, limit=n)
+    records, _ = load_records(path or DEV_FILE, limit=n)
     facts = []
     for record in records:
         fact = record.to_fact()
@@ -116,13 +122,15 @@ def time_edit(model, tokenizer, fact, stats, hparams, shape):
                    first_token_prob(model, tokenizer, fact.generalization_probes[0], fact.target_new),
                    first_token_prob(model, tokenizer, fact.specificity_probes[0], fact.target_new))
     revert_edits(model, edits.backup)
-    return {**info["seconds"], **info["value_seconds"]}, total, quality
+    return {**info["seconds"], **info["value_seconds"]}, total, quality, info.get("cuda_graph")
 
 
 def summarize(runs):
-    """Median seconds of each part and in total; mean quality."""
+    """Median seconds of each part and in total; mean quality; 'kept/captured' graph counts; mean total."""
     seconds = {k: median([r[0].get(k, 0.0) for r in runs]) for k in PARTS + ("prepare", "fit")}
-    return seconds, median([r[1] for r in runs]), [r[2] for r in runs]
+    uses = [r[3] for r in runs]
+    graphs = f"{uses.count('kept')}/{uses.count('captured')}" if any(uses) else "-"
+    return seconds, median([r[1] for r in runs]), [r[2] for r in runs], graphs, sum(r[1] for r in runs) / len(runs)
 
 
 def main():
@@ -133,6 +141,8 @@ def main():
     parser.add_argument("--facts", type=int, default=len(FACTS), help="how many of the benchmark facts to edit")
     parser.add_argument("--tokenizer", default="smollm2_135m", help="registry name or saved tokenizer folder")
     parser.add_argument("--records", type=int, default=0, help="edit the first N CounterFact dev records instead of the benchmark facts")
+    parser.add_argument("--data", default=None, help="--records from this CounterFact file instead of the dev file")
+    parser.add_argument("--baseline-facts", type=int, default=0, help="edit only this many facts on the first (baseline) path (0: all)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all paths (interleaved); the table gives medians")
     parser.add_argument("--paths", default="straightforward,fast,fast-bf16,fast-nll,default",
                         help=f"CPU: which paths, in order, the first one the baseline ({', '.join(CPU_PATHS)})")
@@ -156,32 +166,36 @@ def main():
     base = dict(layer=layer, v_num_grad_steps=steps, seed=0)
     if args.shape:
         base["loss_threshold"] = 0.0  # random weights: run every step
-    facts = FACTS[: args.facts] if not args.records else dev_facts(args.records)
+    facts = FACTS[: args.facts] if not args.records else dev_facts(args.records, args.data)
     paths = GPU_PATHS if device == "cuda" else [CPU_PATHS[key] for key in args.paths.split(",")]
     for label, path in paths:  # warm-up: context templates cached, kernels loaded, the frozen-prefix check made
         revert_edits(model, edit(model, tokenizer, facts[0], stats=stats, hparams={**base, **path, "v_num_grad_steps": 2}).backup)
-    runs = {label: [] for label, _ in paths}  # label -> [(seconds by part, total, quality)] one per fact and round
+    release_graphs(model)  # each path keeps (or not) graphs of its own edits only
+    runs = {label: [] for label, _ in paths}  # label -> [(seconds by part, total, quality, graph use)] one per fact and round
     for round_ in range(args.repeats):  # paths interleaved round by round: a drifting machine load hits each alike
-        for label, path in paths:
-            for fact in facts:
+        for index, (label, path) in enumerate(paths):
+            for fact in facts[: args.baseline_facts or None] if index == 0 else facts:
                 runs[label].append(time_edit(model, tokenizer, fact, stats, {**base, **path}, args.shape))
+            release_graphs(model)
             print(f"round {round_ + 1}: {label}: {median([r[1] for r in runs[label]]):.3f} s/edit (median so far)", flush=True)
     rows = {label: summarize(r) for label, r in runs.items()}
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     what = f"the first {len(facts)} CounterFact dev records" if args.records else f"{len(facts)} facts"
+    if args.baseline_facts:
+        what += f" ({min(args.baseline_facts, len(facts))} on the baseline path)"
     print(f"device: {name}, model: {args.shape or 'smollm2_135m'}, layer {layer}, {steps} max steps, {what}, "
           f"{args.repeats} rounds, medians over facts and rounds; torch threads {torch.get_num_threads()}, native bf16 {native_bf16(model.device)}")
     columns = ("v* steps | final loss | P(target)" if args.shape else "v* steps | P(new) edit | P(new) paraphrase | P(new) neighbour")
     reference = REFERENCE_H200.get(args.shape) if device == "cuda" else None
-    print(f"| path | check s | templates s | key s | v* s (prepare + fit) | update s | other s | total s/edit | speed-up | vs reference | {columns} |")
-    print("|---" * (10 + columns.count("|") + 1) + "|")
+    print(f"| path | check s | templates s | key s | v* s (prepare + fit) | update s | other s | total s/edit | mean s/edit | speed-up | vs reference | graphs kept/captured | {columns} |")
+    print("|---" * (12 + columns.count("|") + 1) + "|")
     baseline = next(iter(rows.values()))[1]
-    for label, (seconds, total, quality) in rows.items():
+    for label, (seconds, total, quality, graphs, mean_total) in rows.items():
         mean = lambda i: f"{sum(q[i] for q in quality) / len(quality):{'.1f' if i == 0 else '.3f'}}" if quality else "-"
         versus = f"{reference / total:.1f}x" if reference else "-"
         print(f"| {label} | {seconds['check']:.2f} | {seconds['templates']:.2f} | {seconds['key']:.2f} | "
               f"{seconds['value']:.2f} ({seconds['prepare']:.2f} + {seconds['fit']:.2f}) | "
-              f"{seconds['update']:.2f} | {total - sum(seconds[k] for k in PARTS):.2f} | {total:.3f} | {baseline / total:.2f}x | {versus} | "
+              f"{seconds['update']:.2f} | {total - sum(seconds[k] for k in PARTS):.2f} | {total:.3f} | {mean_total:.3f} | {baseline / total:.2f}x | {versus} | {graphs} | "
               + " | ".join(mean(i) for i in range(len(quality[0]))) + " |")
 
 

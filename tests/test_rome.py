@@ -11,7 +11,7 @@ from factedit.rome import Fact, apply_edits, edit, load_edits, revert_edits, sav
 from factedit.rome.compute_key import compute_key, subject_keys
 from factedit.rome.context import context_templates
 from factedit.rome.compute_value import GRAPH_WARMUP, ValueOptimizer, build_value_batch, compute_value
-from factedit.rome.frozen_prefix import can_freeze, frozen_context
+from factedit.rome.frozen_prefix import BUCKETS, can_freeze, frozen_context
 from factedit.rome.fused_activations import TanhGELU, fused_activations
 from factedit.rome.low_precision import bf16_fit, native_bf16, resolve_bf16
 from factedit.rome.update import delta_weight, rank_one_update, solve_second_moment
@@ -128,7 +128,8 @@ def _family_model(model_type, attn, tokenizer):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_fast_value_loss_and_gradient_equal_the_full_forward(tiny_llama, model_type, attn):
     """The frozen context (layers below L and positions before the subject computed once) changes
-    nothing: loss and dloss/dδ equal the straightforward full forward in float64, at layers 0 and 1."""
+    nothing: loss and dloss/dδ equal the straightforward full forward in float64, at layers 0 and 1,
+    also with the live batch padded to bucket sizes (masked keys, target tokens weighted 0)."""
     model = _family_model(model_type, attn, tiny_llama[1])
     tokenizer = tiny_llama[1]
     batch = build_value_batch(tokenizer, FACT.prompt, FACT.subject, FACT.target_new, TEMPLATES)
@@ -137,19 +138,25 @@ def test_fast_value_loss_and_gradient_equal_the_full_forward(tiny_llama, model_t
     delta = torch.randn(model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     for layer in (0, 1):
         results = []
-        for fast in (False, True):
-            with frozen_context(model, layer, batch) if fast else contextlib.nullcontext() as live:
+        for fast, pad in ((False, False), (True, False), (True, True)):
+            with frozen_context(model, layer, batch, pad=pad) if fast else contextlib.nullcontext() as live:
                 assert (live is not None) == fast  # this transformers version reuses frozen keys/values
+                if pad:  # bucketed sizes (so that a kept CUDA graph serves other facts), some of them padded here
+                    sizes = (live.inputs["attention_mask"].shape[-1] - live.inputs["input_ids"].shape[1],
+                             live.inputs["input_ids"].shape[1], len(live.target_ids))
+                    assert all(n % BUCKETS[k] == 0 for n, k in zip(sizes, ("frozen", "live", "target")))
+                    assert live.target_weight.tolist().count(0.0) > 0
                 module = ValueOptimizer(model, batch, layer, live=live, fast=fast)
                 d = delta.clone().requires_grad_(True)
                 parts = module.losses(d)
                 parts["loss"].backward()
             results.append((parts, d.grad, module.initial_value))
-        (slow, slow_grad, slow_v0), (fast, fast_grad, fast_v0) = results
-        assert torch.allclose(slow_v0, fast_v0, atol=1e-12)
-        for key in ("loss", "nll", "kl", "weight_decay"):
-            assert torch.allclose(slow[key], fast[key], atol=1e-10), (layer, key)
-        assert torch.allclose(slow_grad, fast_grad, atol=1e-10), layer
+        (slow, slow_grad, slow_v0), *others = results
+        for fast, fast_grad, fast_v0 in others:
+            assert torch.allclose(slow_v0, fast_v0, atol=1e-12)
+            for key in ("loss", "nll", "kl", "weight_decay", "p_target"):
+                assert torch.allclose(slow[key], fast[key], atol=1e-10), (layer, key)
+            assert torch.allclose(slow_grad, fast_grad, atol=1e-10), layer
         assert slow["kl"] > 0 and slow_grad.abs().max() > 0
     if model_type == "gemma3_text":  # a window shorter than the prompts: the plain causal mask would be wrong
         model.config.sliding_window = 4
@@ -223,6 +230,88 @@ def test_cuda_graph_fit_stops_after_the_step_the_eager_fit_stops_after(tiny_llam
     assert torch.allclose(eager.delta, graphed.delta, rtol=1e-4, atol=1e-5)
 
 
+OTHER_FACT = Fact(subject="Colosseum", prompt="The {} is located in the city of", target_new="Athens", target_true="Rome")  # FACT's buckets
+SAME_SUBJECT_FACT = Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Athens", target_true="Paris")
+LONG_FACT = Fact(subject="International Business Machines Corporation headquarters", prompt="{} can be found in the city of",
+                 target_new="San Francisco Bay Area")  # other buckets
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_kept_graph_replays_a_later_fit_of_another_fact_from_its_first_step(tiny_llama, model_type):
+    """A graph captured for one fact serves the next fact of the same bucketed shapes: no eager
+    step, no capture, and the eager fit's losses and δ; at most graph_cache graphs are kept."""
+    from factedit.rome.step_graph import graphs_of
+
+    tokenizer = tiny_llama[1]
+    model = _family_model(model_type, "sdpa", tokenizer).float().cuda()
+    hparams = dict(v_num_grad_steps=8, loss_threshold=0.0, tf32=False, clamp_norm_factor=0.5, bf16=False, graph_cache=1)
+    first = compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
+    eager, graphed = (compute_value(model, tokenizer, OTHER_FACT, 1, TEMPLATES, {**hparams, "cuda_graph": g}) for g in (False, True))
+    assert first._eager_steps == GRAPH_WARMUP and graphed._eager_steps == 0  # the second graphed fit only replayed
+    assert len(graphed.history) == len(eager.history) == 8
+    for a, b in zip(eager.history, graphed.history):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]) + 1e-5, (a, b)
+    assert torch.allclose(eager.delta, graphed.delta, rtol=1e-4, atol=1e-5) and graphed.delta.abs().max() > 0
+    assert not torch.allclose(first.delta, graphed.delta, rtol=1e-2)  # its own fact's δ, not the first one's
+    kept = graphs_of(model, 1)
+    long = compute_value(model, tokenizer, LONG_FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
+    again = compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
+    assert long._eager_steps == again._eager_steps == GRAPH_WARMUP and len(kept.graphs) == 1  # graph_cache=1: the LRU one went
+    assert torch.allclose(again.delta, first.delta, rtol=1e-4, atol=1e-5)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_edit_sequence_with_kept_graphs_equals_the_eager_sequence():
+    """Two edits of one subject in a row: the second fit replays the first one's graph on the weights
+    the first edit changed in place, and writes what eager fits write."""
+    bf16 = False
+    from factedit.rome import release_graphs
+
+    model, tokenizer = load_model("tiny_llama", device="cuda")
+    second_moment = random_second_moment(model.config.intermediate_size).cuda()
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    made = []
+    for cuda_graph in (False, True):
+        hparams = {**HP, "v_num_grad_steps": 8, "loss_threshold": 0.0, "tf32": False, "bf16": bf16, "cuda_graph": cuda_graph}
+        edits = edit(model, tokenizer, [FACT, SAME_SUBJECT_FACT], stats={1: second_moment}, hparams=hparams)
+        made.append(edits)
+        revert_edits(model, edits.backup)
+        assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    (eager_first, eager_second), (graphed_first, graphed_second) = made
+    for a, b in ((eager_first, graphed_first), (eager_second, graphed_second)):  # padded (graphed) vs unpadded: rounding
+        assert torch.allclose(a.target_value, b.target_value, rtol=1e-3, atol=1e-3 * a.target_value.abs().max()), (a.info, b.info)
+    assert not torch.allclose(graphed_first.target_value, graphed_second.target_value, rtol=0.1)
+    assert graphed_second.info["bf16"] == bf16 and eager_second.info["cuda_graph"] is None
+    assert (graphed_first.info["cuda_graph"], graphed_second.info["cuda_graph"]) == ("captured", "kept")
+    release_graphs(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_kept_graph_reads_weights_changed_since_its_capture(tiny_llama, bf16):
+    """After the rewritten matrix changes in place (what an applied edit does), a fit that replays a
+    kept graph computes with the new weights (float32 in place, or the refreshed bfloat16 copies):
+    at δ = 0 its model is the model (KL 0) and its losses follow an eager fit on the new weights."""
+    tokenizer = tiny_llama[1]
+    model = _family_model("llama", "sdpa", tokenizer).float().cuda()
+    hparams = dict(v_num_grad_steps=6, loss_threshold=0.0, tf32=False, bf16=bf16, graph_cache=8)
+    first = compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
+    with torch.no_grad():  # the rewritten matrix, and the unembedding (a random tiny model's loss barely feels the former)
+        weight = model.model.layers[1].mlp.down_proj.weight
+        weight.add_(torch.randn_like(weight) * weight.std() * 2)
+        model.lm_head.weight.mul_(3.0)
+    kept = compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
+    eager = compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": False})
+    assert (first.graph_use, kept.graph_use, eager.graph_use) == ("captured", "kept", None)
+    tolerance = 3e-2 if bf16 else 1e-4
+    assert abs(kept.history[0]["kl"]) < tolerance and abs(first.history[0]["loss"] - kept.history[0]["loss"]) > 0.1
+    for a, b in zip(eager.history, kept.history, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= tolerance * abs(a["loss"]) + 1e-4, (a, b)
+    torch.cuda.synchronize()
+
+
 NATIVE_BF16 = [pytest.param("cpu", marks=pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="no AVX512-BF16/AMX")),
                pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 
@@ -256,6 +345,21 @@ def test_bf16_fit_swaps_the_reached_matrices_and_puts_the_originals_back(tiny_ll
     assert "model.layers.0.mlp.down_proj.weight" not in low and "model.layers.1.input_layernorm.weight" not in low
     assert "lm_head.weight" in low and "model.embed_tokens.weight" not in low  # a tied unembedding is untied meanwhile
     assert all(p is originals[name] for name, p in model.named_parameters())  # the same tensors, not copies
+
+
+def test_kept_bf16_copies_are_the_same_tensors_fit_after_fit_and_follow_in_place_edits(tiny_llama):
+    """With kept copies (for a kept CUDA graph, which reads them where they were), a later fit gets
+    the same bfloat16 tensors, refreshed from float32 weights changed in place since."""
+    model = load_model("tiny_llama")[0]
+    kept, weight = {}, model.model.layers[1].mlp.down_proj.weight
+    with bf16_fit(model, 1, kept=kept):
+        first = model.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        weight.add_(1.0)  # what an applied edit does between two fits
+    with bf16_fit(model, 1, kept=kept):
+        second = model.model.layers[1].mlp.down_proj.weight
+    assert second is first and second.dtype == torch.bfloat16 and torch.equal(second, weight.to(torch.bfloat16))
+    assert model.model.layers[1].mlp.down_proj.weight is weight and len(kept) == 3 * 7 + 1  # layers 1-3: 7 matrices each; lm_head
 
 
 def test_bf16_setting_resolves_to_what_the_hardware_runs():

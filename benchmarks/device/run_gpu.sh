@@ -1,8 +1,8 @@
 #!/bin/bash
 # One device call: GPU checks and the edit benchmark at real shapes (random weights).
-# Needs, carried beside the tree: .whl (omegaconf, antlr4 wheels) and .devcarry/smollm2_tokenizer; for
-# EVAL_SHAPES also .devcarry/counterfact_first12.json (the first 12 dev records: ../shared does not travel), made by
-#   python -c "import json; json.dump(json.load(open('../shared/data/counterfact/counterfact_original_format.json'))[:12], open('.devcarry/counterfact_first12.json', 'w'))"
+# Needs, carried beside the tree: .whl (omegaconf, antlr4 wheels), .devcarry/smollm2_tokenizer, and
+# .devcarry/counterfact_dev_head.json (the first 50 dev records, the facts edited: ../shared does not travel), made by
+#   python -c "import json; json.dump(json.load(open('../shared/data/counterfact/counterfact_original_format.json'))[:50], open('.devcarry/counterfact_dev_head.json', 'w'))"
 # and deleted after the call.
 # SHAPES="" skips the edit benchmark, GPU_TESTS=0 the GPU tests.
 set -u
@@ -12,13 +12,14 @@ tok=$FACTEDIT_CACHE/models/smollm2_135m-carried
 mkdir -p $tok && cp .devcarry/smollm2_tokenizer/* $tok/ && echo '{}' > $tok/factedit.json
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
-[ "${GPU_TESTS:-1}" = 1 ] && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_rome.py -k "cuda_graph or gpu or bf16" 2>&1 | tail -15 | tee $OUT/pytest.log
+[ "${GPU_TESTS:-1}" = 1 ] && timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_rome.py -k "cuda_graph or gpu or bf16 or kept" 2>&1 | tail -25 | tee $OUT/pytest.log
 for shape in ${SHAPES-gpt2-xl llama-7b gpt-j}; do
   echo "=== $shape"
-  timeout ${SHAPE_TIMEOUT:-200} python3 benchmarks/bench_edit.py --shape $shape --facts ${FACTS:-1} 2>&1 | grep -v "Loading weights" | tee $OUT/bench_edit_$shape.log | tail -9
+  timeout ${SHAPE_TIMEOUT:-240} python3 benchmarks/bench_edit.py --shape $shape --records ${EDITS:-12} --data .devcarry/counterfact_dev_head.json \
+    --baseline-facts ${BASELINE_EDITS:-3} 2>&1 | grep -v "Loading weights" | tee $OUT/bench_edit_$shape.log | tail -9
 done
 for shape in ${EVAL_SHAPES:-}; do  # CounterFact evaluation records/s (bench_eval.py), data carried in .devcarry
   echo "=== eval $shape"
   timeout ${EVAL_TIMEOUT:-300} python3 benchmarks/bench_eval.py --shape $shape --rome --records ${RECORDS:-10} \
-    --data .devcarry/counterfact_first12.json 2>&1 | grep -v "Loading weights\|LeafSpec" | tee $OUT/bench_eval_$shape.log | tail -9
+    --data .devcarry/counterfact_dev_head.json 2>&1 | grep -v "Loading weights\|LeafSpec" | tee $OUT/bench_eval_$shape.log | tail -9
 done

@@ -51,7 +51,7 @@ def run_settings(cfg, model, tokenizer, editor) -> dict:
             "pre": bool(cfg.pre), "seed": int(cfg.seed), "edits": str(cfg.edits) if cfg.edits else None}
 
 
-EXECUTION_ONLY = {"cuda_graph", "fused_activations"}  # how v* steps run, not what they compute (equal to rounding)
+EXECUTION_ONLY = {"cuda_graph", "graph_cache", "fused_activations"}  # how v* steps run, not what they compute (equal to rounding)
 GPU_ONLY = {"tf32"}  # changes the numbers on a GPU only
 
 

@@ -20,6 +20,7 @@ from factedit.hooks import Trace, add_at_positions
 from factedit.rome.frozen_prefix import LiveBatch, can_freeze, frozen_context
 from factedit.rome.fused_activations import fused_activations
 from factedit.rome.low_precision import bf16_autocast, bf16_fit, resolve_bf16
+from factedit.rome.step_graph import StepGraph, clear_cublas_workspaces, graphs_of, inputs_signature, weights_signature
 from factedit.tokens import fill_subject, subject_token_range
 
 log = logging.getLogger(__name__)
@@ -72,20 +73,23 @@ class ValueOptimizer(lightning.LightningModule):
     the straightforward full forward with logits at every position, for comparison.
     cuda_graph (GPU and live only): after GRAPH_WARMUP eager steps, each step — forward, backward,
     Adam, clamp — is one CUDA graph replay, and the host reads a step's losses while the next one
-    replays. Optimization is manual (one `step` holds all of it), so a replayed step does not pass
-    through Lightning's optimizer wrapper: trainer.global_step does not count graphed fits;
-    `history` has every step.
+    replays. graph_cache > 0 keeps that many captured graphs per model (step_graph.py): a later fit
+    with the same shapes replays from its first step. Optimization is manual (one `step` holds all
+    of it), so a replayed step does not pass through Lightning's optimizer wrapper:
+    trainer.global_step does not count graphed fits; `history` has every step.
     """
 
     def __init__(self, model, batch: dict, layer: int, *, live: LiveBatch | None = None, role="rewrite", v_lr=0.5,
                  v_weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625, loss_threshold=0.05, stop_on="nll", fast=True,
-                 v_num_grad_steps=20, cuda_graph=False, bf16=False, **_unused):
+                 v_num_grad_steps=20, cuda_graph=False, graph_cache=0, fused_activations=True, bf16=False, **_unused):
         super().__init__()
         self.automatic_optimization = False
         self._frozen_model = (model,)  # not a submodule: Lightning moves its module to the CPU after fit
         self.batch, self.layer, self.live = batch, layer, live
         self.subject_pos = live.subject_pos if live else batch["subject_pos"]
         self.target_pos = live.target_pos if live else batch["target_pos"]
+        self.target_ids = live.target_ids if live else batch["target_ids"]
+        self.target_weight = live.target_weight if live else torch.ones(self.target_ids.shape, device=self.target_ids.device)
         self.rewrite = module_name(model, role, layer)  # the module whose output δ shifts
         self.final_norm = module_name(model, "final_norm")
         self.lr, self.weight_decay, self.clamp, self.kl_factor = v_lr, v_weight_decay, clamp_norm_factor, kl_factor
@@ -105,9 +109,11 @@ class ValueOptimizer(lightning.LightningModule):
         self.delta = torch.nn.Parameter(torch.zeros_like(self.initial_value))
         self.history: list[dict] = []
         self.cuda_graph = bool(cuda_graph) and live is not None and self.initial_value.is_cuda
-        self.bf16 = bool(bf16)  # resolved by compute_value (low_precision.resolve_bf16)
-        self._graph, self._graph_losses, self._eager_steps = None, None, 0
-        self._pending, self._delta_before = None, None  # the replayed step whose losses are not read yet; δ before it
+        self.bf16, self.fused = bool(bf16), bool(fused_activations) and fast  # bf16: resolved by compute_value (resolve_bf16)
+        self.kept_graphs = graphs_of(model, int(graph_cache)) if self.cuda_graph else None
+        self._graph: StepGraph | None = None
+        self.graph_use = None  # "captured" (this fit captured its graph) or "kept" (it replayed one kept from an earlier fit)
+        self._eager_steps, self._pending = 0, None  # _pending: the replayed step whose losses are not read yet
 
     @property
     def model(self):
@@ -138,19 +144,20 @@ class ValueOptimizer(lightning.LightningModule):
 
     def losses(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         hidden = self._final_hidden(delta)
-        target_ids, target_pos = self.batch["target_ids"], self.target_pos
+        target_ids, target_pos, weight = self.target_ids, self.target_pos, self.target_weight
         rows = torch.arange(self.n_prompts, device=hidden.device)[:, None]
         if self.fast:
             target_logits = logits_from_hidden(self.model, hidden[rows, target_pos])  # (T, n_target, vocab)
         else:
             target_logits = logits_from_hidden(self.model, hidden)[rows, target_pos]
         target_log_probs = target_logits.log_softmax(-1).gather(-1, target_ids.expand(self.n_prompts, -1)[..., None])[..., 0]
-        nll = -target_log_probs.mean(dim=1).mean()
+        mean_log_probs = (target_log_probs * weight).sum(dim=1) / weight.sum()  # (T,) over the target's tokens (weight 0: padding)
+        nll = -mean_log_probs.mean()
         kl_log_probs = self._kl_logits(hidden).log_softmax(-1)
         kl = F.kl_div(self.initial_kl_log_probs, kl_log_probs, log_target=True, reduction="batchmean")  # KL(edited ‖ original)
         decay = self.weight_decay * delta.norm() / self.initial_value.norm() ** 2
         return {"loss": nll + self.kl_factor * kl + decay, "nll": nll, "kl": kl, "weight_decay": decay,
-                "p_target": target_log_probs.mean(dim=1).exp().mean()}
+                "p_target": mean_log_probs.exp().mean()}
 
     # ------------------------------------------------------------------ one optimization step
     def step(self, optimizer) -> torch.Tensor:
@@ -169,13 +176,21 @@ class ValueOptimizer(lightning.LightningModule):
         return torch.stack([parts[name].detach() for name in LOSS_NAMES])
 
     def graphed_step(self) -> torch.Tensor:
-        """`step` replayed from a CUDA graph. The first GRAPH_WARMUP steps run eagerly on a side
-        stream (capture needs warmed-up kernels and optimizer state) and count as real steps; the
-        graph is captured after them and replays every later step with the same tensors. Each
-        replay first keeps the δ it starts from in `_delta_before` (see `training_step`)."""
+        """`step` replayed from a CUDA graph. A graph kept from an earlier fit of the same shapes
+        (step_graph.py) replays from the first step. Otherwise the first GRAPH_WARMUP steps run
+        eagerly on a side stream (capture needs warmed-up kernels and optimizer state) and count as
+        real steps; the graph is captured after them and replays every later step with the same
+        tensors. Each replay first keeps the δ it starts from (see `training_step`)."""
         if self._graph is not None:
-            self._graph.replay()
-            return self._graph_losses
+            self._graph.graph.replay()
+            return self._graph.losses
+        if self._eager_steps == 0 and self.kept_graphs is not None:
+            self._signature = self._graph_signature()
+            kept = self.kept_graphs.get(self._signature)
+            if kept is not None:
+                kept.start_fit(self._step_inputs())
+                self._graph, self.graph_use = kept, "kept"
+                return self.graphed_step()
         optimizer = self.optimizers().optimizer  # the torch optimizer: Lightning's wrapper cannot be replayed
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -184,17 +199,34 @@ class ValueOptimizer(lightning.LightningModule):
         torch.cuda.current_stream().wait_stream(side)
         self._eager_steps += 1
         if self._eager_steps == GRAPH_WARMUP:
-            graph, self._delta_before = torch.cuda.CUDAGraph(), torch.empty_like(self.delta)
+            graph, delta_before = torch.cuda.CUDAGraph(), torch.empty_like(self.delta)
+            clear_cublas_workspaces()  # this graph's cuBLAS workspace in its own pool, not one cached from another graph
             try:
-                with torch.cuda.graph(graph):
-                    self._delta_before.copy_(self.delta)
-                    self._graph_losses = self.step(optimizer)
+                with torch.cuda.graph(graph, pool=self.kept_graphs.pool if self.kept_graphs else None):
+                    delta_before.copy_(self.delta)
+                    graph_losses = self.step(optimizer)
             except RuntimeError as error:  # a kernel that cannot be captured: the later steps run eagerly
                 log.warning("v* runs without CUDA graphs (%s)", str(error).splitlines()[0])
                 self.cuda_graph = False
                 return losses
-            self._graph = graph
+            state = optimizer.state[self.delta]  # Adam's step, exp_avg, exp_avg_sq (tensors on the GPU: capturable)
+            self._graph = StepGraph(graph, self._step_inputs(), self.delta.detach(), delta_before, graph_losses,
+                                    [t for t in state.values() if torch.is_tensor(t)])
+            self.graph_use = "captured"
+            if self.kept_graphs is not None:
+                self.kept_graphs.put(self._signature, self._graph)
         return losses
+
+    def _step_inputs(self) -> list[torch.Tensor]:
+        """What a step reads besides the weights and δ (a kept graph's inputs are overwritten with these)."""
+        return self.live.step_inputs(self.layer) + [self.initial_value, self.initial_kl_log_probs]
+
+    def _graph_signature(self) -> tuple:
+        """What a kept graph must have been captured with to replay this fit's steps."""
+        model = self.model
+        return (self.layer, self.rewrite, self.fused, self.bf16, torch.get_float32_matmul_precision(),
+                model.config._attn_implementation, self.lr, self.weight_decay, self.clamp, self.kl_factor,
+                inputs_signature(self._step_inputs()), weights_signature(model))
 
     # ------------------------------------------------------------------ Lightning hooks
     def train_dataloader(self):
@@ -210,19 +242,19 @@ class ValueOptimizer(lightning.LightningModule):
     def training_step(self, _batch, _index):
         """One step. Once the graph replays, step i's losses are read while step i + 1 already runs
         on the GPU (the host's per-step work overlaps the replay); when step i's loss is below the
-        threshold, step i + 1 is undone (δ goes back to `_delta_before`), so δ and `history` are
+        threshold, step i + 1 is undone (δ goes back to the graph's `delta_before`), so δ and `history` are
         those of the fit that stopped after step i."""
         if self._graph is None:  # eager steps, and the warm-up step before the capture
             losses = self.graphed_step() if self.cuda_graph else self.step(self.optimizers())
             self._record(losses.tolist())
             return
         self.graphed_step()
-        previous, self._pending = self._pending, _copy_to_host(self._graph_losses)
+        previous, self._pending = self._pending, _copy_to_host(self._graph.losses)
         if previous is not None:
             self._record(_read(previous))
             if self.trainer.should_stop:
                 with torch.no_grad():
-                    self.delta.copy_(self._delta_before)
+                    self._graph.delta.copy_(self._graph.delta_before)
                 self._pending = None
 
     def _record(self, losses: list[float], log_it=True):
@@ -241,7 +273,13 @@ class ValueOptimizer(lightning.LightningModule):
     def on_train_end(self):
         if self._pending is not None:  # the last replayed step's losses (Lightning allows no logging here)
             self._record(_read(self._pending), log_it=False)
-        self._graph = self._graph_losses = self._pending = self._delta_before = self.delta.grad = None  # frees the graph's pool
+        if self._graph is not None and self._graph.delta.data_ptr() != self.delta.data_ptr():  # a kept graph's δ
+            with torch.no_grad():
+                self.delta.copy_(self._graph.delta)
+        freed = self._graph is not None and self.kept_graphs is None
+        self._graph = self._pending = self.delta.grad = None  # unless kept (graph_cache), frees the graph and its pool
+        if freed:
+            clear_cublas_workspaces()
 
     @property
     def target_value(self) -> torch.Tensor:
@@ -286,7 +324,8 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
     fast (default true): the frozen context (frozen_prefix.py), logits only where the loss reads
     them, and (fused_activations, default true) one-kernel activations; fast=false is the straightforward loop.
     On a GPU: hparams tf32 (default true) lets the v* matrix products use TF32, and cuda_graph
-    replays each whole step (forward, backward, Adam, clamp) as one CUDA graph. bf16 (true, false,
+    replays each whole step (forward, backward, Adam, clamp) as one CUDA graph; graph_cache (default
+    8) keeps that many graphs per model for later fits of the same (bucketed) shapes. bf16 (true, false,
     auto: where the hardware has it, GPU or CPU) runs the frozen run and each step's forward and
     backward under bfloat16 autocast with the reached weights cast once (low_precision.py); δ, Adam
     and the update stay float32/64.
@@ -301,7 +340,8 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
     fuse = fast and hparams.get("fused_activations", True)
     fused = fused_activations(model) if fuse else contextlib.nullcontext()  # around the frozen run too: one function
     bf16 = resolve_bf16(hparams.get("bf16", False), model.device, model.dtype)
-    frozen = frozen_context(model, layer, batch, bf16) if freeze else contextlib.nullcontext()
+    keep_graphs = model.device.type == "cuda" and bool(hparams.get("cuda_graph", False)) and int(hparams.get("graph_cache", 0)) > 0
+    frozen = frozen_context(model, layer, batch, bf16, pad=keep_graphs) if freeze else contextlib.nullcontext()
     with matmul_precision(model, bool(hparams.get("tf32", True))), fused, frozen as live:  # the frozen run in TF32 too
         quiet_warnings()
         module = ValueOptimizer(model, batch, layer, live=live, **{k: v for k, v in hparams.items() if k not in ("layer", "bf16")}, bf16=bf16)
@@ -310,7 +350,7 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
         prepared = time.perf_counter()
         accelerator = "gpu" if model.device.type == "cuda" else "cpu"  # never move the model elsewhere
         trainer = lightning.Trainer(**{**_VALUE_TRAINER, **(trainer_kwargs or {}), "accelerator": accelerator, "max_epochs": 1})
-        with bf16_fit(model, layer, bf16):
+        with bf16_fit(model, layer, bf16, kept=module.kept_graphs.bf16_weights if module.kept_graphs else None):
             trainer.fit(module)
     module.to(model.device)  # Lightning's teardown moved δ and v₀ to the CPU
     module.seconds = {"prepare": prepared - start, "fit": time.perf_counter() - prepared}  # frozen context + v₀; Trainer

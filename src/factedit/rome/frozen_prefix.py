@@ -7,6 +7,10 @@ each layer's keys/values of the frozen positions, and hands back a `LiveBatch` h
 positions s_r, s_r + 1, ... of each row. Inside the block, `model(**live.inputs)` replays layers
 0..L-1 from the cache and attends to the cached keys/values, so it computes exactly what the full
 forward computes at those positions (tested against it in float64).
+
+pad=True rounds the live batch's sizes up to buckets (BUCKETS: frozen keys, live positions,
+target tokens), with the extra keys masked out and the extra target tokens weighted 0, so that
+most facts give the same shapes and a captured CUDA graph of the step serves them all (step_graph.py).
 """
 import contextlib
 import inspect
@@ -14,6 +18,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from factedit.architectures import architecture_of, get_module, module_name
 from factedit.hooks import Trace, as_attention_mask, attention_mask_kind, cache_parameter
@@ -21,6 +26,10 @@ from factedit.rome.low_precision import bf16_autocast
 
 log = logging.getLogger(__name__)
 _CHECKED: dict[tuple, bool] = {}  # (model class, attention) -> whether its live forward matched the full one
+# pad=True rounds each size up to a multiple of these. Live positions are what a step computes
+# (each one runs through every layer from L up), so they stay exact; frozen keys and target tokens
+# cost little to pad. On the first 100 CounterFact dev records this leaves 5 distinct shapes.
+BUCKETS = {"frozen": 32, "live": 1, "target": 4}
 
 
 class _Replay(torch.nn.Module):
@@ -58,14 +67,26 @@ class LiveBatch:
     inputs: keyword arguments for the model (input_ids and position_ids (rows, n_live), a 4-D
     attention mask (rows, 1, n_live, n_frozen + n_live), the frozen keys/values);
     subject_pos: (rows,) zeros; target_pos: (T, n_target) indices into the live positions;
+    target_ids, target_weight: (n_target,) the target tokens, weighted 1 (0: bucket padding);
     initial_final_hidden: (rows, d_model) the final norm's output at each row's subject token at
-    δ = 0, from the frozen run (the KL term's reference distribution needs no forward of its own).
+    δ = 0, from the frozen run (the KL term's reference distribution needs no forward of its own);
+    layer_input: (rows, n_live, d_model) layer L's input at the live positions (replayed below L).
     """
 
     inputs: dict
     subject_pos: torch.Tensor
     target_pos: torch.Tensor
+    target_ids: torch.Tensor
+    target_weight: torch.Tensor
     initial_final_hidden: torch.Tensor
+    layer_input: torch.Tensor
+
+    def step_inputs(self, layer: int) -> list[torch.Tensor]:
+        """Every tensor of this batch a v* step at `layer` reads, in a fixed order (step_graph.py)."""
+        frozen = self.inputs[next(k for k, v in self.inputs.items() if isinstance(v, FrozenKeysValues))]
+        return [self.inputs["input_ids"], self.inputs["position_ids"], self.inputs["attention_mask"], self.layer_input,
+                *frozen.keys[layer:], *frozen.values[layer:], self.subject_pos, self.target_pos, self.target_ids,
+                self.target_weight]
 
 
 def can_freeze(model, batch: dict) -> bool:
@@ -78,6 +99,23 @@ def can_freeze(model, batch: dict) -> bool:
 
 def _model_key(model) -> tuple:
     return type(model), model.config._attn_implementation
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _first_keys(cached: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n positions of (rows, heads, seq, d_head) keys/values; zeros past seq (masked out)."""
+    return cached[:, :, :n] if cached.shape[-2] >= n else F.pad(cached, (0, 0, 0, n - cached.shape[-2]))
+
+
+def _padded_targets(target_ids: torch.Tensor, target_pos: torch.Tensor, n: int):
+    """target_ids (n_target,), target_pos (T, n_target) repeated out to n columns, and weights 1 / 0 (padding)."""
+    extra = n - len(target_ids)
+    weight = torch.cat([torch.ones_like(target_ids, dtype=torch.float32), target_ids.new_zeros(extra, dtype=torch.float32)])
+    return (torch.cat([target_ids, target_ids[-1:].expand(extra)]),
+            torch.cat([target_pos, target_pos[:, -1:].expand(-1, extra)], dim=1), weight)
 
 
 def _live_mask(first: torch.Tensor, n_frozen: int, n_live: int) -> torch.Tensor:
@@ -135,9 +173,10 @@ def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid:
 
 
 @contextlib.contextmanager
-def frozen_context(model, layer: int, batch: dict, bf16: bool = False):
+def frozen_context(model, layer: int, batch: dict, bf16: bool = False, pad: bool = False):
     """Yield the LiveBatch of `batch` (from build_value_batch); layers 0..L-1 replay inside the block.
     bf16: the frozen run's products under bfloat16 autocast (for a bf16 fit; its caches are float32).
+    pad: sizes rounded up to BUCKETS (the same losses: the padding is masked out or weighted 0).
 
     Yields None (the caller then runs the full forward) when this model class's code does not
     reproduce the full run from frozen keys/values; checked on its first use (`can_freeze` is then
@@ -145,6 +184,10 @@ def frozen_context(model, layer: int, batch: dict, bf16: bool = False):
     """
     first, lengths = batch["subject_pos"], batch["attention_mask"].sum(dim=1)
     n_frozen, n_live = int(first.max()), int((lengths - first).max())
+    n_prompts, n_target = batch["target_pos"].shape
+    if pad:
+        n_frozen, n_live = _round_up(n_frozen, BUCKETS["frozen"]), _round_up(n_live, BUCKETS["live"])
+        n_target = _round_up(n_target, BUCKETS["target"])
     checked = _model_key(model)
     try:
         hidden, final_hidden, keys, values, as_tuple = _frozen_run(model, layer, batch, bf16)
@@ -158,13 +201,13 @@ def frozen_context(model, layer: int, batch: dict, bf16: bool = False):
     index = positions.clamp(max=batch["input_ids"].shape[1] - 1)
     live_hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
     mask = as_attention_mask(_live_mask(first, n_frozen, n_live), attention_mask_kind(model), hidden.dtype)
-    cache = FrozenKeysValues([k[:, :, :n_frozen] for k in keys], [v[:, :, :n_frozen] for v in values])
-    n_prompts = batch["target_pos"].shape[0]
+    cache = FrozenKeysValues([_first_keys(k, n_frozen) for k in keys], [_first_keys(v, n_frozen) for v in values])
+    target_ids, target_pos, target_weight = _padded_targets(batch["target_ids"], batch["target_pos"] - first[:n_prompts, None], n_target)
     live = LiveBatch(
         inputs={"input_ids": batch["input_ids"].gather(1, index), "position_ids": positions, "attention_mask": mask,
                 cache_parameter(model.forward) or "past_key_values": cache, "use_cache": True},
-        subject_pos=torch.zeros_like(first), target_pos=batch["target_pos"] - first[:n_prompts, None],
-        initial_final_hidden=final_hidden[torch.arange(len(first), device=first.device), first])
+        subject_pos=torch.zeros_like(first), target_pos=target_pos, target_ids=target_ids, target_weight=target_weight,
+        initial_final_hidden=final_hidden[torch.arange(len(first), device=first.device), first], layer_input=live_hidden)
     layers = get_module(model, architecture_of(model).layers)
     originals = [layers[i] for i in range(layer)]
     try:

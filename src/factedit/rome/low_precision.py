@@ -7,6 +7,8 @@ matrices of the layers δ reaches (L and above, and the unembedding) once for th
 puts the original float32 tensors back afterwards, so the weights are bitwise those of before.
 Norms, biases and the residual stream stay float32 (autocast casts each product's input). The
 copies take 2 bytes per weight; a GPU without that much free memory keeps casting per step instead.
+Where CUDA graphs are kept from one fit to the next (step_graph.py), so are the copies they read:
+each fit then refreshes them from the float32 weights in place.
 
 On the CPU, PyTorch's fused attention kernel is ~7× slower backward in bfloat16 than in float32
 at these shapes (a few queries against a few dozen keys), so attention there runs through the
@@ -68,21 +70,40 @@ def _room_for(model, matrices) -> bool:
     return free > 2 * sum(weight.numel() for _, weight in matrices) + (1 << 30)
 
 
+def _bf16_copies(originals, kept: dict | None) -> list[torch.nn.Parameter]:
+    """bfloat16 copies of the weights: new ones, or (kept: id(weight) -> (weight, copy)) the kept
+    copies refreshed in place, so that the tensors a kept CUDA graph reads stay where they are."""
+    if kept is None:
+        return [torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False) for _, weight in originals]
+    copies = []
+    with torch.no_grad():
+        for _, weight in originals:
+            entry = kept.get(id(weight))
+            if entry is None or entry[0] is not weight:
+                entry = kept[id(weight)] = (weight, torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False))
+            else:
+                entry[1].copy_(weight)  # edits change the float32 weights in place between fits
+            copies.append(entry[1])
+    return copies
+
+
 @contextlib.contextmanager
-def bf16_fit(model, first_layer: int, enabled: bool = True):
-    """Inside the block: the weights δ reaches are bfloat16 copies, and (CPU) attention uses the
-    math backend. The float32 parameters themselves are put back afterwards (also after an error)."""
+def bf16_fit(model, first_layer: int, enabled: bool = True, kept: dict | None = None):
+    """Inside the block: the weights δ reaches are bfloat16 copies (kept: reused from, and stored
+    in, this dict), and (CPU) attention uses the math backend. The float32 parameters themselves
+    are put back afterwards (also after an error)."""
     if not enabled:
         yield
         return
     originals = _matrices(model, first_layer)
-    if not _room_for(model, originals):
+    new = [pair for pair in originals if kept is None or id(pair[1]) not in kept]
+    if new and not _room_for(model, new):
         log.info("bf16 v*: no GPU memory for bfloat16 weight copies; autocast casts the weights each step")
         originals = []
     attention = sdpa_kernel([SDPBackend.MATH]) if model.device.type == "cpu" else contextlib.nullcontext()
     try:
-        for module, weight in originals:
-            module._parameters["weight"] = torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+        for (module, _), copy in zip(originals, _bf16_copies(originals, kept)):
+            module._parameters["weight"] = copy
         with attention:
             yield
     finally:

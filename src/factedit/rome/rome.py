@@ -21,7 +21,7 @@ UPDATES = ("fixed", "original", "two_keys")  # see update.py
 
 DEFAULT_HPARAMS = dict(layer=5, v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
                        kl_factor=0.0625, loss_threshold=0.05, stop_on="nll", context_templates=[[5, 10], [10, 10]], update="two_keys",
-                       fast=True, fused_activations=True, tf32=True, cuda_graph=True, bf16="auto", seed=0, role="rewrite")
+                       fast=True, fused_activations=True, tf32=True, cuda_graph=True, graph_cache=8, bf16="auto", seed=0, role="rewrite")
 
 
 class Edits(list):
@@ -90,6 +90,7 @@ def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict
             "p_target": value.history[-1]["p_target"] if value.history else None,
             "delta_norm_ratio": float(delta.norm() / value.initial_value.double().norm()),
             "bf16": value.bf16,  # what editor.bf16 (auto) resolved to on this hardware
+            "cuda_graph": value.graph_use,  # None (eager), "captured" or "kept" (replayed a graph kept from an earlier edit)
             "seconds": {k: round(v, 3) for k, v in timings.items()},
             "value_seconds": {k: round(v, 3) for k, v in value.seconds.items()},
             "hparams": {k: (list(map(list, v)) if k == "context_templates" else v) for k, v in hp.items()}}
