@@ -70,7 +70,8 @@ class LiveBatch:
     target_ids, target_weight: (n_target,) the target tokens, weighted 1 (0: bucket padding);
     initial_final_hidden: (rows, d_model) the final norm's output at each row's subject token at
     δ = 0, from the frozen run (the KL term's reference distribution needs no forward of its own);
-    layer_input: (rows, n_live, d_model) layer L's input at the live positions (replayed below L).
+    layer_input: (rows, n_live, d_model) layer L's input at the live positions (replayed below L);
+    cache: the frozen keys/values (also in `inputs`, under the model's own argument name).
     """
 
     inputs: dict
@@ -80,12 +81,12 @@ class LiveBatch:
     target_weight: torch.Tensor
     initial_final_hidden: torch.Tensor
     layer_input: torch.Tensor
+    cache: "FrozenKeysValues"
 
     def step_inputs(self, layer: int) -> list[torch.Tensor]:
         """Every tensor of this batch a v* step at `layer` reads, in a fixed order (step_graph.py)."""
-        frozen = self.inputs[next(k for k, v in self.inputs.items() if isinstance(v, FrozenKeysValues))]
         return [self.inputs["input_ids"], self.inputs["position_ids"], self.inputs["attention_mask"], self.layer_input,
-                *frozen.keys[layer:], *frozen.values[layer:], self.subject_pos, self.target_pos, self.target_ids,
+                *self.cache.keys[layer:], *self.cache.values[layer:], self.subject_pos, self.target_pos, self.target_ids,
                 self.target_weight]
 
 
@@ -148,7 +149,6 @@ def _frozen_run(model, layer: int, batch: dict, bf16: bool = False):
     return trace[name].input.to(dtype), trace[final].output.to(dtype), keys, values, returns_tuple[0]
 
 
-
 def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid: torch.Tensor, bf16: bool) -> bool:
     """Whether the live forward at δ = 0 gives the full run's final hidden states (a check of the
     model code's cache and mask handling, made once per model)."""
@@ -207,7 +207,8 @@ def frozen_context(model, layer: int, batch: dict, bf16: bool = False, pad: bool
         inputs={"input_ids": batch["input_ids"].gather(1, index), "position_ids": positions, "attention_mask": mask,
                 cache_parameter(model.forward) or "past_key_values": cache, "use_cache": True},
         subject_pos=torch.zeros_like(first), target_pos=target_pos, target_ids=target_ids, target_weight=target_weight,
-        initial_final_hidden=final_hidden[torch.arange(len(first), device=first.device), first], layer_input=live_hidden)
+        initial_final_hidden=final_hidden[torch.arange(len(first), device=first.device), first], layer_input=live_hidden,
+        cache=cache)
     layers = get_module(model, architecture_of(model).layers)
     originals = [layers[i] for i in range(layer)]
     try:

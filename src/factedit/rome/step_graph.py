@@ -42,7 +42,6 @@ class StepGraph:
     delta_before: torch.Tensor
     losses: torch.Tensor
     optimizer_state: list[torch.Tensor]
-    fits: int = 1
 
     def start_fit(self, inputs: list[torch.Tensor]) -> None:
         """Make the next replay the first step of a new fit on `inputs` (the shapes captured)."""
@@ -52,7 +51,6 @@ class StepGraph:
             self.delta.zero_()
             for tensor in self.optimizer_state:
                 tensor.zero_()
-        self.fits += 1
 
 
 @dataclass
