@@ -129,14 +129,19 @@ def _family_model(model_type, attn, tokenizer):
 def test_fast_value_loss_and_gradient_equal_the_full_forward(tiny_llama, model_type, attn):
     """The frozen context (layers below L and positions before the subject computed once) changes
     nothing: loss and dloss/dδ equal the straightforward full forward in float64, at layers 0 and 1,
-    also with the live batch padded to bucket sizes (masked keys, target tokens weighted 0)."""
+    also with the live batch padded to bucket sizes (masked keys, target tokens weighted 0). The keys,
+    v₀ and the known-answer prediction taken from the same δ = 0 run equal their standalone definitions."""
     model = _family_model(model_type, attn, tiny_llama[1])
     tokenizer = tiny_llama[1]
     batch = build_value_batch(tokenizer, FACT.prompt, FACT.subject, FACT.target_new, TEMPLATES)
     assert len(set(batch["subject_pos"].tolist())) > 1  # rows differ in where the subject ends
     assert can_freeze(model, batch)
     delta = torch.randn(model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    prompt_ids = tokenizer(FACT.text)["input_ids"]
+    with torch.no_grad():  # greedy tokens after the bare prompt, then after each target token but the last
+        prediction = model(torch.tensor([prompt_ids + batch["target_ids"][:-1].tolist()])).logits[0, len(prompt_ids) - 1:].argmax(-1)
     for layer in (0, 1):
+        keys = subject_keys(model, tokenizer, [t.format(FACT.prompt) for t in TEMPLATES], FACT.subject, layer)
         results = []
         for fast, pad in ((False, False), (True, False), (True, True)):
             with frozen_context(model, layer, batch, pad=pad) if fast else contextlib.nullcontext() as live:
@@ -150,6 +155,7 @@ def test_fast_value_loss_and_gradient_equal_the_full_forward(tiny_llama, model_t
                 d = delta.clone().requires_grad_(True)
                 parts = module.losses(d)
                 parts["loss"].backward()
+            assert torch.allclose(module.template_keys, keys, atol=1e-12) and torch.equal(module.prompt_prediction, prediction)
             results.append((parts, d.grad, module.initial_value))
         (slow, slow_grad, slow_v0), *others = results
         for fast, fast_grad, fast_v0 in others:
@@ -452,11 +458,15 @@ def test_subject_missing_after_tokenization_is_an_error(smollm2):
     assert subject_token_range(smollm2[1], "The Eiffel Tower's top", "Eiffel Tower") == (bos + 1, bos + 4)
 
 
-def test_target_the_model_already_gives_is_an_error(smollm2):
+@pytest.mark.parametrize("fast", [True, False])
+def test_target_the_model_already_gives_is_an_error(smollm2, fast):
+    """Refused from the v* fit's δ = 0 run (the frozen one, or the full forward), before any step."""
     model, tokenizer = smollm2
+    before = rewrite_weight(model, 5).clone()
     with pytest.raises(FacteditError, match="already answers 'Paris'"):
         edit(model, tokenizer, Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Paris"),
-             stats={5: torch.eye(1536)}, hparams={"layer": 5})
+             stats={5: torch.eye(1536)}, hparams={"layer": 5, "fast": fast, "v_lr": float("nan")})  # a step would diverge
+    assert torch.equal(rewrite_weight(model, 5), before)
 
 
 def test_stop_on_nll_bounds_the_target_nll_instead_of_the_whole_loss(tiny_llama):
@@ -484,7 +494,8 @@ def test_bare_prompt_key_gets_the_whole_shift_only_with_two_keys(tiny_llama, upd
     weight = as_out_in(model, rewrite_weight(model, 1))
     bare = subject_keys(model, tokenizer, [FACT.prompt], FACT.subject, 1)[0].double()
     before = weight.double() @ bare
-    edits = edit(model, tokenizer, FACT, stats=_stats_for(model), hparams={**HP, "update": update})
+    # float32 steps: the keys come from the fit's δ = 0 run, and bfloat16 keys would differ from `bare` by ~1e-3
+    edits = edit(model, tokenizer, FACT, stats=_stats_for(model), hparams={**HP, "update": update, "bf16": False})
     try:
         u, lam, key = (t.double() for t in (edits[0].u, edits[0].v, edits[0].key))
         shift = lam * (u @ key)  # ΔW k̄ = v* − W k̄

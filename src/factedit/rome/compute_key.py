@@ -1,4 +1,9 @@
-"""k̄: the rewrite module's input at the subject's last token, averaged over context templates (ROME §3)."""
+"""k̄: the rewrite module's input at the subject's last token, averaged over context templates (ROME §3).
+
+An edit (rome.py) takes these keys from the forward at δ = 0 that the v* fit makes anyway (the same
+texts, each followed by the target's tokens, which causal attention keeps from reaching the subject);
+this is the standalone computation, and the reference the tests hold that run to.
+"""
 import torch
 
 from factedit.architectures import module_name

@@ -99,13 +99,15 @@ class ValueOptimizer(lightning.LightningModule):
         self.stop_on = stop_on
         self.n_prompts = batch["target_pos"].shape[0]
         with torch.no_grad():
-            values = self._rewrite_outputs()
-            self.register_buffer("initial_value", values[0, self.subject_pos[0]].clone())  # v₀
             if live is not None:  # the frozen run already went through the model at δ = 0
-                kl_logits = logits_from_hidden(model, live.initial_final_hidden[self.n_prompts:])
+                initial_value, keys, kl_hidden, prompt_hidden = (live.initial_value, live.template_keys,
+                                                                 live.initial_final_hidden[self.n_prompts:], live.prompt_final_hidden)
             else:
-                kl_logits = self._kl_logits(self._final_hidden(torch.zeros_like(self.initial_value)))
-            self.register_buffer("initial_kl_log_probs", kl_logits.log_softmax(-1))
+                initial_value, keys, kl_hidden, prompt_hidden = self._initial_run()
+            self.register_buffer("initial_value", initial_value.clone())  # v₀
+            self.register_buffer("initial_kl_log_probs", logits_from_hidden(model, kl_hidden).log_softmax(-1))
+            self.template_keys = keys  # (T, d_in): k at each templated prompt's subject token; k̄ is their mean
+            self.prompt_prediction = logits_from_hidden(model, prompt_hidden).argmax(-1)  # (n_target,) row 0's greedy tokens
         self.delta = torch.nn.Parameter(torch.zeros_like(self.initial_value))
         self.history: list[dict] = []
         self.cuda_graph = bool(cuda_graph) and live is not None and self.initial_value.is_cuda
@@ -125,10 +127,15 @@ class ValueOptimizer(lightning.LightningModule):
             return self.live.inputs
         return {"input_ids": self.batch["input_ids"], "attention_mask": self.batch["attention_mask"]}
 
-    def _rewrite_outputs(self) -> torch.Tensor:
-        with Trace(self.model, self.rewrite, stop=True) as trace:
+    def _initial_run(self):
+        """Without a frozen run: one full forward at δ = 0 for v₀ (d_model,), the keys (T, d_in), and
+        the final-norm outputs the KL term (KL rows, d_model) and the known-answer check (n_target, d_model) read."""
+        with Trace(self.model, [self.rewrite, self.final_norm], retain_input=True, stop=True) as trace:
             self.model(**self._model_inputs())
-        return trace[self.rewrite].output
+        rewrite, hidden, subject = trace[self.rewrite], trace[self.final_norm].output, self.subject_pos
+        prompts, kl_rows = (torch.arange(a, b, device=hidden.device) for a, b in ((0, self.n_prompts), (self.n_prompts, len(hidden))))
+        return (rewrite.output[0, subject[0]], rewrite.input[prompts, subject[prompts]], hidden[kl_rows, subject[kl_rows]],
+                hidden[0, self.batch["target_pos"][0]])
 
     def _final_hidden(self, delta: torch.Tensor) -> torch.Tensor:
         """Final-norm output (rows, seq, d_model) with δ added at each row's subject position."""
@@ -319,7 +326,10 @@ def matmul_precision(model, tf32: bool):
 
 def compute_value(model, tokenizer, fact, layer: int, context_templates: list[str], hparams: dict,
                   trainer_kwargs: dict | None = None) -> ValueOptimizer:
-    """Fit δ with a real Lightning Trainer; returns the fitted module (δ, v₀, loss history).
+    """Fit δ with a real Lightning Trainer; returns the fitted module (δ, v₀, loss history, and
+    `template_keys`: the keys k at each templated prompt's subject token, from the same δ = 0 run).
+    Refuses (FacteditError, before any step) a target the model already predicts after the first
+    template's prompt: context_templates()[0] is the bare prompt "{}".
 
     fast (default true): the frozen context (frozen_prefix.py), logits only where the loss reads
     them, and (fused_activations, default true) one-kernel activations; fast=false is the straightforward loop.
@@ -341,10 +351,12 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
     fused = fused_activations(model) if fuse else contextlib.nullcontext()  # around the frozen run too: one function
     bf16 = resolve_bf16(hparams.get("bf16", False), model.device, model.dtype)
     keep_graphs = model.device.type == "cuda" and bool(hparams.get("cuda_graph", False)) and int(hparams.get("graph_cache", 0)) > 0
-    frozen = frozen_context(model, layer, batch, bf16, pad=keep_graphs) if freeze else contextlib.nullcontext()
+    frozen = frozen_context(model, layer, batch, bf16, keep_graphs, hparams.get("role", "rewrite")) if freeze else contextlib.nullcontext()
     with matmul_precision(model, bool(hparams.get("tf32", True))), fused, frozen as live:  # the frozen run in TF32 too
         quiet_warnings()
         module = ValueOptimizer(model, batch, layer, live=live, **{k: v for k, v in hparams.items() if k not in ("layer", "bf16")}, bf16=bf16)
+        if torch.equal(module.prompt_prediction, batch["target_ids"]):
+            raise FacteditError(f"the model already answers {fact.target_new!r} for {fact.text!r}: pick another target_new")
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
         prepared = time.perf_counter()

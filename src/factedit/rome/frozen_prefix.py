@@ -8,6 +8,10 @@ positions s_r, s_r + 1, ... of each row. Inside the block, `model(**live.inputs)
 0..L-1 from the cache and attends to the cached keys/values, so it computes exactly what the full
 forward computes at those positions (tested against it in float64).
 
+The same run also yields what the edit needs from the unedited model besides: the keys k at each
+templated prompt's subject token (k̄ is their mean), v₀, and the bare prompt's predictions (the
+known-answer check), so an edit makes one pass through the whole model before its v* steps.
+
 pad=True rounds the live batch's sizes up to buckets (BUCKETS: frozen keys, live positions,
 target tokens), with the extra keys masked out and the extra target tokens weighted 0, so that
 most facts give the same shapes and a captured CUDA graph of the step serves them all (step_graph.py).
@@ -16,6 +20,7 @@ import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +76,11 @@ class LiveBatch:
     initial_final_hidden: (rows, d_model) the final norm's output at each row's subject token at
     δ = 0, from the frozen run (the KL term's reference distribution needs no forward of its own);
     layer_input: (rows, n_live, d_model) layer L's input at the live positions (replayed below L);
-    cache: the frozen keys/values (also in `inputs`, under the model's own argument name).
+    cache: the frozen keys/values (also in `inputs`, under the model's own argument name);
+    template_keys: (T, d_in) the rewrite module's input at each templated prompt's subject token
+    (the keys k whose mean is k̄); initial_value: (d_model,) v₀, its output at row 0's subject token;
+    prompt_final_hidden: (n_target, d_model) the final norm's output where row 0 (the first
+    template's prompt) predicts each target token.
     """
 
     inputs: dict
@@ -82,6 +91,9 @@ class LiveBatch:
     initial_final_hidden: torch.Tensor
     layer_input: torch.Tensor
     cache: "FrozenKeysValues"
+    template_keys: torch.Tensor
+    initial_value: torch.Tensor
+    prompt_final_hidden: torch.Tensor
 
     def step_inputs(self, layer: int) -> list[torch.Tensor]:
         """Every tensor of this batch a v* step at `layer` reads, in a fixed order (step_graph.py)."""
@@ -128,9 +140,20 @@ def _live_mask(first: torch.Tensor, n_frozen: int, n_live: int) -> torch.Tensor:
     return torch.cat([frozen, live], dim=-1)[:, None]
 
 
-def _frozen_run(model, layer: int, batch: dict, bf16: bool = False):
-    """One full forward at δ = 0: layer L's input and the final norm's output (rows, seq, d), and
-    every layer's keys/values, in the model's dtype (bf16: the products under bfloat16 autocast)."""
+class FrozenRun(NamedTuple):
+    """What one full forward at δ = 0 keeps (in the model's dtype; bf16: computed under bfloat16 autocast)."""
+
+    layer_input: torch.Tensor  # (rows, seq, d_model) layer L's input
+    final_hidden: torch.Tensor  # (rows, seq, d_model) the final norm's output
+    keys: list[torch.Tensor]  # per layer, (rows, heads, seq, d_head): attention keys and values
+    values: list[torch.Tensor]
+    rewrite_input: torch.Tensor  # (rows, seq, d_in) the rewrite module's input (ROME's keys k)
+    rewrite_output: torch.Tensor  # (rows, seq, d_model) its output (ROME's values v)
+    as_tuple: bool  # whether the decoder layers return tuples
+
+
+def _frozen_run(model, layer: int, batch: dict, rewrite: str, bf16: bool = False) -> FrozenRun:
+    """One full forward at δ = 0 through `batch`, keeping what the v* steps and the update read."""
     name, final = module_name(model, "layer", layer), module_name(model, "final_norm")
     returns_tuple, skip_logits = [], {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
@@ -138,15 +161,16 @@ def _frozen_run(model, layer: int, batch: dict, bf16: bool = False):
     handle = get_module(model, module_name(model, "layer", 0)).register_forward_hook(
         lambda module, inputs, output: returns_tuple.append(isinstance(output, tuple)))
     try:
-        with torch.no_grad(), bf16_autocast(model.device, bf16), Trace(model, [name, final], retain_input=True) as trace:
+        with torch.no_grad(), bf16_autocast(model.device, bf16), Trace(model, [name, final, rewrite], retain_input=True) as trace:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True, **skip_logits)
     finally:
         handle.remove()
     cache = getattr(out, "cache", None)  # transformers >= 5.2x; earlier: past_key_values
     cache = out.past_key_values if cache is None else cache
     dtype = model.dtype  # under autocast some come out bfloat16
-    keys, values = [c.keys.to(dtype) for c in cache.layers], [c.values.to(dtype) for c in cache.layers]
-    return trace[name].input.to(dtype), trace[final].output.to(dtype), keys, values, returns_tuple[0]
+    return FrozenRun(trace[name].input.to(dtype), trace[final].output.to(dtype), [c.keys.to(dtype) for c in cache.layers],
+                     [c.values.to(dtype) for c in cache.layers], trace[rewrite].input.to(dtype),
+                     trace[rewrite].output.to(dtype), returns_tuple[0])
 
 
 def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid: torch.Tensor, bf16: bool) -> bool:
@@ -173,9 +197,10 @@ def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid:
 
 
 @contextlib.contextmanager
-def frozen_context(model, layer: int, batch: dict, bf16: bool = False, pad: bool = False):
+def frozen_context(model, layer: int, batch: dict, bf16: bool = False, pad: bool = False, role: str = "rewrite"):
     """Yield the LiveBatch of `batch` (from build_value_batch); layers 0..L-1 replay inside the block.
     bf16: the frozen run's products under bfloat16 autocast (for a bf16 fit; its caches are float32).
+    role: the module δ shifts at layer L (its input and output give the keys and v₀).
     pad: sizes rounded up to BUCKETS (the same losses: the padding is masked out or weighted 0).
 
     Yields None (the caller then runs the full forward) when this model class's code does not
@@ -190,7 +215,7 @@ def frozen_context(model, layer: int, batch: dict, bf16: bool = False, pad: bool
         n_target = _round_up(n_target, BUCKETS["target"])
     checked = _model_key(model)
     try:
-        hidden, final_hidden, keys, values, as_tuple = _frozen_run(model, layer, batch, bf16)
+        run = _frozen_run(model, layer, batch, module_name(model, role, layer), bf16)
     except (AttributeError, TypeError) as error:  # a cache without per-layer keys/values
         log.warning("v* runs the full forward each step: no frozen keys/values (%s)", error)
         _CHECKED[checked] = False
@@ -199,24 +224,25 @@ def frozen_context(model, layer: int, batch: dict, bf16: bool = False, pad: bool
     offsets = torch.arange(n_live, device=first.device)
     positions = first[:, None] + offsets  # (rows, n_live)
     index = positions.clamp(max=batch["input_ids"].shape[1] - 1)
-    live_hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-    mask = as_attention_mask(_live_mask(first, n_frozen, n_live), attention_mask_kind(model), hidden.dtype)
-    cache = FrozenKeysValues([_first_keys(k, n_frozen) for k in keys], [_first_keys(v, n_frozen) for v in values])
+    live_hidden = run.layer_input.gather(1, index[..., None].expand(-1, -1, run.layer_input.shape[-1]))
+    mask = as_attention_mask(_live_mask(first, n_frozen, n_live), attention_mask_kind(model), live_hidden.dtype)
+    cache = FrozenKeysValues([_first_keys(k, n_frozen) for k in run.keys], [_first_keys(v, n_frozen) for v in run.values])
     target_ids, target_pos, target_weight = _padded_targets(batch["target_ids"], batch["target_pos"] - first[:n_prompts, None], n_target)
     live = LiveBatch(
         inputs={"input_ids": batch["input_ids"].gather(1, index), "position_ids": positions, "attention_mask": mask,
                 cache_parameter(model.forward) or "past_key_values": cache, "use_cache": True},
         subject_pos=torch.zeros_like(first), target_pos=target_pos, target_ids=target_ids, target_weight=target_weight,
-        initial_final_hidden=final_hidden[torch.arange(len(first), device=first.device), first], layer_input=live_hidden,
-        cache=cache)
+        initial_final_hidden=run.final_hidden[torch.arange(len(first), device=first.device), first], layer_input=live_hidden,
+        cache=cache, template_keys=run.rewrite_input[torch.arange(n_prompts, device=first.device), first[:n_prompts]],
+        initial_value=run.rewrite_output[0, first[0]], prompt_final_hidden=run.final_hidden[0, batch["target_pos"][0]])
     layers = get_module(model, architecture_of(model).layers)
     originals = [layers[i] for i in range(layer)]
     try:
         for i in range(layer):
-            layers[i] = _Replay(live_hidden if i == layer - 1 else None, as_tuple)
+            layers[i] = _Replay(live_hidden if i == layer - 1 else None, run.as_tuple)
         if checked not in _CHECKED:
             valid = positions < lengths[:, None]
-            expected = final_hidden.gather(1, index[..., None].expand(-1, -1, final_hidden.shape[-1]))
+            expected = run.final_hidden.gather(1, index[..., None].expand(-1, -1, run.final_hidden.shape[-1]))
             _CHECKED[checked] = _replays_the_full_run(model, live, expected, valid, bf16)
             if not _CHECKED[checked]:
                 _restore(layers, originals)

@@ -1,4 +1,4 @@
-"""ROME end to end for a list of facts: templates → k̄ → v* → (u, Λ) → W + Λuᵀ, in order."""
+"""ROME end to end for a list of facts: templates → v* (and k̄, from the same run at δ = 0) → (u, Λ) → W + Λuᵀ, in order."""
 import logging
 import time
 from dataclasses import dataclass
@@ -8,8 +8,7 @@ from omegaconf import OmegaConf
 
 from factedit.architectures import as_out_in, check_layer, get_module, module_name
 from factedit.errors import FacteditError
-from factedit.rome.compute_key import compute_key, subject_keys
-from factedit.rome.compute_value import build_value_batch, compute_value
+from factedit.rome.compute_value import compute_value
 from factedit.rome.context import context_templates
 from factedit.rome.edits import Edit, WeightBackup, apply_edits
 from factedit.rome.facts import Fact, fact_from_config
@@ -54,14 +53,6 @@ def _second_moment(stats, model, layer: int) -> torch.Tensor:
     return stats(layer) if callable(stats) else stats[layer]
 
 
-def _check_not_known(model, tokenizer, fact: Fact) -> None:
-    batch = build_value_batch(tokenizer, fact.prompt, fact.subject, fact.target_new, ["{}"], model.device)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1]).logits[0]
-    if torch.equal(logits[batch["target_pos"][0]].argmax(-1), batch["target_ids"]):
-        raise FacteditError(f"the model already answers {fact.target_new!r} for {fact.text!r}: pick another target_new")
-
-
 def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict, trainer_kwargs=None) -> Edit:
     """Compute one ROME edit on the current weights (the model is left unchanged)."""
     layer = check_layer(model, hp["layer"])
@@ -69,18 +60,17 @@ def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict
         raise FacteditError(f"editor.update must be one of {', '.join(UPDATES)}, not {hp['update']!r}")
     resolve_bf16(hp.get("bf16", False), model.device)  # a bad editor.bf16 fails here, before the work
     timings, start = {}, time.perf_counter()
-    _check_not_known(model, tokenizer, fact)
-    timings["check"], start = time.perf_counter() - start, time.perf_counter()
-    templates = context_templates(model, tokenizer, hp["context_templates"], seed=int(hp["seed"]))
+    templates = context_templates(model, tokenizer, hp["context_templates"], seed=int(hp["seed"]))  # templates[0]: "{}"
     timings["templates"], start = time.perf_counter() - start, time.perf_counter()
     role = hp["role"]  # "rewrite" (the MLP down-projection) or "attn_out" (the attention output projection)
-    key = compute_key(model, tokenizer, fact.prompt, fact.subject, layer, templates, role)  # k̄
-    timings["key"], start = time.perf_counter() - start, time.perf_counter()
-    value = compute_value(model, tokenizer, fact, layer, templates, hp, trainer_kwargs)
+    value = compute_value(model, tokenizer, fact, layer, templates, hp, trainer_kwargs)  # refuses a known target first
     delta = value.delta.detach().double()
     timings["value"], start = time.perf_counter() - start, time.perf_counter()
+    keys = value.template_keys.double()  # the v* fit's δ = 0 run computed them (compute_key.py, without that run)
+    key = keys.mean(dim=0)  # k̄
+    bare_key = keys[0] if hp["update"] != "fixed" else None  # the bare prompt's key
+    timings["key"], start = time.perf_counter() - start, time.perf_counter()
     weight = as_out_in(model, get_module(model, module_name(model, role, layer)).weight)
-    bare_key = subject_keys(model, tokenizer, [fact.prompt], fact.subject, layer, role)[0].double() if hp["update"] != "fixed" else None
     residual_key = bare_key if hp["update"] == "original" else key  # the reference code: the bare prompt's key
     target_value = weight.double() @ residual_key + delta  # v*: the value the key should now produce
     u, lam = rank_one_update(weight, second_moment, key, target_value, residual_key=residual_key,
