@@ -53,8 +53,9 @@ def first_token_prob(model, tokenizer, prompt, word):
     return next_token_logits(model, tokenizer, [prompt])[0].softmax(-1)[token].item()
 
 
-PARTS = ("templates", "value", "key", "update")  # "other": applying the edit, Python. v* includes the known-answer check
-# and the keys (its δ = 0 run computes them); "key" is their mean
+# info["seconds"] of an edit; "other" (the rest of the total) is applying the edit and Python. The v* fit's
+# δ = 0 run also makes the known-answer check and the keys, so "value" includes them and "key" is only their mean.
+PARTS = ("templates", "value", "key", "update")
 REFERENCE_H200 = {"gpt2-xl": 1.72, "gpt-j": 4.8, "llama-7b": 6.8}  # EasyEdit's ROME, s/edit, fp32 (issue #4)
 STEPS = {"llama-7b": 25}
 # (label, hparams) of each path.
