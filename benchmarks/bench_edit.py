@@ -7,6 +7,7 @@ the same start; the table also shows that the edits are as good (P(new) on the e
 paraphrase, P(true) kept on a neighbour).
 
     python benchmarks/bench_edit.py                     # default model on this machine
+    python benchmarks/bench_edit.py --model gemma3_270m # another real model (its statistics in stats/)
     python benchmarks/bench_edit.py --shape gpt2-xl     # random weights at a real shape (GPU)
 
 On a GPU the fast path is timed with TF32 or bfloat16 and CUDA graphs, each either captured for
@@ -82,9 +83,9 @@ def default_layer(shape: str | None, model) -> int:
     return 17 if shape == "gpt2-xl" else 5
 
 
-def load(shape, device, tokenizer):
+def load(shape, device, tokenizer, model="smollm2_135m"):
     if shape is None:
-        return load_model("smollm2_135m", device=device)
+        return load_model(model, device=device)
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"name": shape, "source": "tiny", "tokenizer": tokenizer, "config": SHAPES[shape]})
@@ -138,6 +139,7 @@ def summarize(runs):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=sorted(SHAPES))
+    parser.add_argument("--model", default="smollm2_135m", help="without --shape: a real model from the registry (configs/model/)")
     parser.add_argument("--layer", type=int, default=None, help="default: the model config's (17 at GPT-2 XL shape, as in ROME; 5 at other shapes)")
     parser.add_argument("--steps", type=int, default=None, help="default: 20 (25 at Llama-7B shape)")
     parser.add_argument("--facts", type=int, default=len(FACTS), help="how many of the benchmark facts to edit")
@@ -154,16 +156,19 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     steps = args.steps or STEPS.get(args.shape, 20)
     build = time.perf_counter()
-    model, tokenizer = load(args.shape, device, args.tokenizer)
+    model, tokenizer = load(args.shape, device, args.tokenizer, args.model)
+    name = args.shape or args.model
     layer = args.layer if args.layer is not None else default_layer(args.shape, model)
     synchronize()
-    print(f"built {args.shape or 'smollm2_135m'} on {device} in {time.perf_counter() - build:.1f}s", flush=True)
+    print(f"built {name} on {device} in {time.perf_counter() - build:.1f}s", flush=True)
     d_mlp = as_out_in(model, rewrite_weight(model, layer)).shape[1]
     try:
         from factedit.stats import load_second_moment
 
         stats = {layer: load_second_moment(model, layer)}
-    except Exception:  # random shapes have no statistics: the update step costs the same
+    except Exception as error:  # random shapes have no statistics: the update step costs the same
+        if not args.shape:  # a real model's edits need its own C: say which command makes it
+            raise SystemExit(f"error: {error}")
         stats = {layer: torch.eye(d_mlp, dtype=torch.float64, device=device)}
     base = dict(layer=layer, v_num_grad_steps=steps, seed=0)
     if args.shape:
@@ -181,11 +186,11 @@ def main():
             release_graphs(model)
             print(f"round {round_ + 1}: {label}: {median([r[1] for r in runs[label]]):.3f} s/edit (median so far)", flush=True)
     rows = {label: summarize(r) for label, r in runs.items()}
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     what = f"the first {len(facts)} CounterFact dev records" if args.records else f"{len(facts)} facts"
     if args.baseline_facts:
         what += f" ({min(args.baseline_facts, len(facts))} on the baseline path)"
-    print(f"device: {name}, model: {args.shape or 'smollm2_135m'}, layer {layer}, {steps} max steps, {what}, "
+    print(f"device: {device_name}, model: {name}, layer {layer}, {steps} max steps, {what}, "
           f"{args.repeats} rounds, medians over facts and rounds; torch threads {torch.get_num_threads()}, native bf16 {native_bf16(model.device)}")
     columns = ("v* steps | final loss | P(target)" if args.shape else "v* steps | P(new) edit | P(new) paraphrase | P(new) neighbour")
     reference = REFERENCE_H200.get(args.shape) if device == "cuda" else None
