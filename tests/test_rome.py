@@ -13,7 +13,7 @@ from factedit.rome.context import context_templates
 from factedit.rome.compute_value import GRAPH_WARMUP, ValueOptimizer, build_value_batch, compute_value
 from factedit.rome.frozen_prefix import BUCKETS, can_freeze, frozen_context
 from factedit.rome.fused_activations import TanhGELU, fused_activations
-from factedit.rome.low_precision import bf16_fit, native_bf16, resolve_bf16
+from factedit.rome.low_precision import bf16_autocast, bf16_fit, native_bf16, resolve_bf16
 from factedit.rome.update import delta_weight, rank_one_update, solve_second_moment
 
 FACT = Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Rome", target_true="Paris")
@@ -336,6 +336,42 @@ def test_bf16_value_fit_follows_the_float32_fit(tiny_llama, device):
     assert full[0] != full[-1] and torch.nn.functional.cosine_similarity(fits[0].delta, fits[1].delta, dim=0) > 0.95
     assert fits[1].delta.dtype == torch.float32 and fits[1].initial_value.dtype == torch.float32
     assert all(p.dtype == torch.float32 and torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_bf16_casts_made_once_change_no_bit(tiny_llama, model_type):
+    """A bfloat16 step casts less than autocast alone would, to the same bits: the weights and the
+    biases of the products are cast once (bf16_fit), and the frozen keys/values stay in the dtype the
+    attention made them in. Loss and dloss/dδ equal, bitwise, those of autocast casting every weight
+    at every product, attending to float32 caches."""
+    tokenizer = tiny_llama[1]
+    model = _family_model(model_type, "sdpa", tokenizer).float()
+    generator = torch.Generator().manual_seed(3)
+    for name, parameter in model.named_parameters():  # biases start at zero, where any cast is exact
+        if name.endswith("bias"):
+            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    batch = build_value_batch(tokenizer, FACT.prompt, FACT.subject, FACT.target_new, TEMPLATES)
+    delta = torch.randn(model.config.hidden_size, generator=generator)
+    math_attention = torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH])  # what bf16_fit picks on a CPU
+    results = []
+    with frozen_context(model, 1, batch, bf16=True) as live:
+        module = ValueOptimizer(model, batch, 1, live=live, bf16=True)
+        cached = live.cache.keys + live.cache.values
+        assert any(c.dtype == torch.bfloat16 for c in cached)  # what the attention made (Llama-style keys: float32, rotated)
+        for once in (True, False):
+            if not once:
+                live.cache.keys[:] = [k.float() for k in live.cache.keys]
+                live.cache.values[:] = [v.float() for v in live.cache.values]
+            with bf16_fit(model, 1) if once else math_attention, bf16_autocast(model.device):
+                if model_type == "gpt2":  # Conv1D: its bias is cast once as well
+                    assert (model.transformer.h[1].attn.c_attn.bias.dtype == torch.bfloat16) == once
+                d = delta.clone().requires_grad_(True)
+                parts = module.losses(d)
+                parts["loss"].backward()
+            results.append((parts, d.grad))
+    (once, once_grad), (every, every_grad) = results
+    assert all(torch.equal(once[k], every[k]) for k in once) and torch.equal(once_grad, every_grad)
+    assert once_grad.abs().max() > 0 and all(p.dtype == torch.float32 for p in model.parameters())  # biases put back too
 
 
 def test_bf16_fit_swaps_the_reached_matrices_and_puts_the_originals_back(tiny_llama):

@@ -141,11 +141,14 @@ def _live_mask(first: torch.Tensor, n_frozen: int, n_live: int) -> torch.Tensor:
 
 
 class FrozenRun(NamedTuple):
-    """What one full forward at δ = 0 keeps (in the model's dtype; bf16: computed under bfloat16 autocast)."""
+    """What one full forward at δ = 0 keeps (bf16: computed under bfloat16 autocast). Hidden states and
+    the rewrite module's input/output come in the model's dtype; keys and values in the dtype the
+    attention made them in, which is what a step's attention makes too (under autocast often bfloat16),
+    so that the step concatenates them without a cast (float32 copies would be cast back at every step)."""
 
     layer_input: torch.Tensor  # (rows, seq, d_model) layer L's input
     final_hidden: torch.Tensor  # (rows, seq, d_model) the final norm's output
-    keys: list[torch.Tensor]  # per layer, (rows, heads, seq, d_head): attention keys and values
+    keys: list[torch.Tensor]  # per layer, (rows, heads, seq, d_head): attention keys and values, as made
     values: list[torch.Tensor]
     rewrite_input: torch.Tensor  # (rows, seq, d_in) the rewrite module's input (ROME's keys k)
     rewrite_output: torch.Tensor  # (rows, seq, d_model) its output (ROME's values v)
@@ -167,9 +170,9 @@ def _frozen_run(model, layer: int, batch: dict, rewrite: str, bf16: bool = False
         handle.remove()
     cache = getattr(out, "cache", None)  # transformers >= 5.2x; earlier: past_key_values
     cache = out.past_key_values if cache is None else cache
-    dtype = model.dtype  # under autocast some come out bfloat16
-    return FrozenRun(trace[name].input.to(dtype), trace[final].output.to(dtype), [c.keys.to(dtype) for c in cache.layers],
-                     [c.values.to(dtype) for c in cache.layers], trace[rewrite].input.to(dtype),
+    dtype = model.dtype  # under autocast some come out bfloat16; the keys/values stay as they are
+    return FrozenRun(trace[name].input.to(dtype), trace[final].output.to(dtype), [c.keys for c in cache.layers],
+                     [c.values for c in cache.layers], trace[rewrite].input.to(dtype),
                      trace[rewrite].output.to(dtype), returns_tuple[0])
 
 
@@ -199,7 +202,7 @@ def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid:
 @contextlib.contextmanager
 def frozen_context(model, layer: int, batch: dict, bf16: bool = False, pad: bool = False, role: str = "rewrite"):
     """Yield the LiveBatch of `batch` (from build_value_batch); layers 0..L-1 replay inside the block.
-    bf16: the frozen run's products under bfloat16 autocast (for a bf16 fit; its caches are float32).
+    bf16: the frozen run's products under bfloat16 autocast (for a bf16 fit; its hidden states are float32).
     role: the module δ shifts at layer L (its input and output give the keys and v₀).
     pad: sizes rounded up to BUCKETS (the same losses: the padding is masked out or weighted 0).
 

@@ -5,8 +5,10 @@ because autocast caches casts of trainable weights only and the model's are froz
 that is ~95M weights read and written per step, a sixth of a CPU step. `bf16_fit` casts the
 matrices of the layers δ reaches (L and above, and the unembedding) once for the whole fit and
 puts the original float32 tensors back afterwards, so the weights are bitwise those of before.
-Norms, biases and the residual stream stay float32 (autocast casts each product's input). The
-copies take 2 bytes per weight; a GPU without that much free memory keeps casting per step instead.
+The biases those products add (Linear, GPT-2's Conv1D) are cast once too: autocast would cast them
+at every product as well, to the same bits. Norms and the residual stream stay float32 (autocast
+casts each product's input). The copies take 2 bytes per weight; a GPU without that much free
+memory keeps casting per step instead.
 Where CUDA graphs are kept from one fit to the next (step_graph.py), so are the copies they read:
 each fit then refreshes them from the float32 weights in place.
 
@@ -19,6 +21,7 @@ import logging
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.pytorch_utils import Conv1D
 
 from factedit.architectures import architecture_of, get_module, module_name
 from factedit.errors import FacteditError
@@ -52,32 +55,38 @@ def resolve_bf16(setting, device: torch.device, dtype: torch.dtype = torch.float
     raise FacteditError(f"editor.bf16={setting!r}: use true, false or auto")
 
 
-def _matrices(model, first_layer: int) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
-    """(module, weight) of every 2-D weight in layers first_layer.. and of the unembedding."""
+def _product_parameters(model, first_layer: int) -> list[tuple[torch.nn.Module, str, torch.nn.Parameter]]:
+    """(module, name, parameter) of every 2-D weight in layers first_layer.. and of the unembedding,
+    and the bias of each such Linear / Conv1D (whose forward hands it to the product, F.linear or addmm)."""
     layers = get_module(model, architecture_of(model).layers)
     modules = [m for i in range(first_layer, len(layers)) for m in layers[i].modules()]
     modules.append(get_module(model, module_name(model, "lm_head")))
-    return [(m, m._parameters["weight"]) for m in modules
-            if isinstance(m._parameters.get("weight"), torch.Tensor) and m._parameters["weight"].dim() == 2
-            and not isinstance(m, torch.nn.Embedding)]
+    found = []
+    for module in modules:
+        weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(module, torch.nn.Embedding):
+            found.append((module, "weight", weight))
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and isinstance(bias, torch.Tensor):
+                found.append((module, "bias", bias))
+    return found
 
 
-def _room_for(model, matrices) -> bool:
-    """Whether bfloat16 copies of `matrices` fit in the GPU's free memory with 1 GiB to spare (always on a CPU)."""
+def _room_for(model, parameters) -> bool:
+    """Whether bfloat16 copies of `parameters` fit in the GPU's free memory with 1 GiB to spare (always on a CPU)."""
     if model.device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(model.device)
-    return free > 2 * sum(weight.numel() for _, weight in matrices) + (1 << 30)
+    return free > 2 * sum(weight.numel() for *_, weight in parameters) + (1 << 30)
 
 
 def _bf16_copies(originals, kept: dict | None) -> list[torch.nn.Parameter]:
     """bfloat16 copies of the weights: new ones, or (kept: id(weight) -> (weight, copy)) the kept
     copies refreshed in place, so that the tensors a kept CUDA graph reads stay where they are."""
     if kept is None:
-        return [torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False) for _, weight in originals]
+        return [torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False) for *_, weight in originals]
     copies = []
     with torch.no_grad():
-        for _, weight in originals:
+        for *_, weight in originals:
             entry = kept.get(id(weight))
             if entry is None or entry[0] is not weight:
                 entry = kept[id(weight)] = (weight, torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False))
@@ -95,17 +104,17 @@ def bf16_fit(model, first_layer: int, enabled: bool = True, kept: dict | None = 
     if not enabled:
         yield
         return
-    originals = _matrices(model, first_layer)
-    new = [pair for pair in originals if kept is None or id(pair[1]) not in kept]
+    originals = _product_parameters(model, first_layer)
+    new = [entry for entry in originals if kept is None or id(entry[2]) not in kept]
     if new and not _room_for(model, new):
         log.info("bf16 v*: no GPU memory for bfloat16 weight copies; autocast casts the weights each step")
         originals = []
     attention = sdpa_kernel([SDPBackend.MATH]) if model.device.type == "cpu" else contextlib.nullcontext()
     try:
-        for (module, _), copy in zip(originals, _bf16_copies(originals, kept)):
-            module._parameters["weight"] = copy
+        for (module, name, _), copy in zip(originals, _bf16_copies(originals, kept)):
+            module._parameters[name] = copy
         with attention:
             yield
     finally:
-        for module, weight in originals:
-            module._parameters["weight"] = weight
+        for module, name, original in originals:
+            module._parameters[name] = original
