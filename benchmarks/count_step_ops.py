@@ -5,10 +5,12 @@ its time follows the number of kernels more than their size. This script counts 
 of one step (forward, backward, Adam, clamp) with `torch.profiler`, per layer that δ reaches, at
 the depth and edit layer of real models (a narrow width: the count does not depend on it):
 
-- "autocast alone": every product casts its float32 weight and bias to bfloat16, and the frozen
-  keys/values are float32 (attention then casts them back at every step);
-- "now": `bf16_fit` casts the weights and the products' biases once per fit, and the frozen
-  keys/values stay in the dtype the attention made them in (the same bits: tests/test_rome.py).
+- "autocast alone": every product casts its float32 weight and bias to bfloat16, the frozen
+  keys/values are float32 (attention then casts them back at every step), and sdpa gets a boolean
+  mask (which it converts to an additive one in every layer at every step);
+- "now": `bf16_fit` casts the weights and the products' biases once per fit, the frozen
+  keys/values stay in the dtype the attention made them in, and sdpa gets the additive mask made
+  once (the same bits: tests/test_rome.py).
 
 Counted are the operations that compute (views, reshapes and dispatch wrappers left out); casts
 are `aten::_to_copy`. The CPU runs attention through the math backend and has its own autocast
@@ -65,6 +67,8 @@ def count(shape: str) -> tuple[int, dict]:
             if label == "autocast alone":
                 live.cache.keys[:] = [k.float() for k in live.cache.keys]
                 live.cache.values[:] = [v.float() for v in live.cache.values]
+                if live.inputs["attention_mask"].dtype == torch.bfloat16:  # sdpa: the boolean mask it converts at every call
+                    live.inputs["attention_mask"] = live.inputs["attention_mask"] == 0
             module = ValueOptimizer(model, batch, layer, live=live, bf16=True)
             optimizer = torch.optim.Adam([module.delta], lr=0.5)
             with bf16_fit(model, layer) if label == "now" else sdpa_kernel([SDPBackend.MATH]):

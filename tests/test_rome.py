@@ -341,9 +341,10 @@ def test_bf16_value_fit_follows_the_float32_fit(tiny_llama, device):
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_bf16_casts_made_once_change_no_bit(tiny_llama, model_type):
     """A bfloat16 step casts less than autocast alone would, to the same bits: the weights and the
-    biases of the products are cast once (bf16_fit), and the frozen keys/values stay in the dtype the
-    attention made them in. Loss and dloss/dδ equal, bitwise, those of autocast casting every weight
-    at every product, attending to float32 caches."""
+    biases of the products are cast once (bf16_fit), the frozen keys/values stay in the dtype the
+    attention made them in, and sdpa gets its mask additive in bfloat16. Loss and dloss/dδ equal,
+    bitwise, those of autocast casting every weight at every product, attending to float32 caches
+    through a boolean mask."""
     tokenizer = tiny_llama[1]
     model = _family_model(model_type, "sdpa", tokenizer).float()
     generator = torch.Generator().manual_seed(3)
@@ -358,10 +359,12 @@ def test_bf16_casts_made_once_change_no_bit(tiny_llama, model_type):
         module = ValueOptimizer(model, batch, 1, live=live, bf16=True)
         cached = live.cache.keys + live.cache.values
         assert any(c.dtype == torch.bfloat16 for c in cached)  # what the attention made (Llama-style keys: float32, rotated)
+        assert live.inputs["attention_mask"].dtype == torch.bfloat16 and live.inputs["attention_mask"].isinf().any()
         for once in (True, False):
             if not once:
                 live.cache.keys[:] = [k.float() for k in live.cache.keys]
                 live.cache.values[:] = [v.float() for v in live.cache.values]
+                live.inputs["attention_mask"] = live.inputs["attention_mask"] == 0
             with bf16_fit(model, 1) if once else math_attention, bf16_autocast(model.device):
                 if model_type == "gpt2":  # Conv1D: its bias is cast once as well
                     assert (model.transformer.h[1].attn.c_attn.bias.dtype == torch.bfloat16) == once

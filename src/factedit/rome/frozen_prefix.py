@@ -140,6 +140,14 @@ def _live_mask(first: torch.Tensor, n_frozen: int, n_live: int) -> torch.Tensor:
     return torch.cat([frozen, live], dim=-1)[:, None]
 
 
+def _step_mask(allowed: torch.Tensor, kind: str, dtype: torch.dtype, bf16: bool) -> torch.Tensor:
+    """The live mask in the form the steps' attention reads. Under bfloat16, sdpa gets it additive
+    (0 / -inf) in bfloat16: what sdpa makes of a boolean mask at every call, in every layer, here made once."""
+    if kind == "bool" and bf16:
+        return torch.zeros(allowed.shape, dtype=torch.bfloat16, device=allowed.device).masked_fill(~allowed, float("-inf"))
+    return as_attention_mask(allowed, kind, dtype)
+
+
 class FrozenRun(NamedTuple):
     """What one full forward at δ = 0 keeps (bf16: computed under bfloat16 autocast). Hidden states and
     the rewrite module's input/output come in the model's dtype; keys and values in the dtype the
@@ -228,7 +236,7 @@ def frozen_context(model, layer: int, batch: dict, bf16: bool = False, pad: bool
     positions = first[:, None] + offsets  # (rows, n_live)
     index = positions.clamp(max=batch["input_ids"].shape[1] - 1)
     live_hidden = run.layer_input.gather(1, index[..., None].expand(-1, -1, run.layer_input.shape[-1]))
-    mask = as_attention_mask(_live_mask(first, n_frozen, n_live), attention_mask_kind(model), live_hidden.dtype)
+    mask = _step_mask(_live_mask(first, n_frozen, n_live), attention_mask_kind(model), live_hidden.dtype, bf16)
     cache = FrozenKeysValues([_first_keys(k, n_frozen) for k in run.keys], [_first_keys(v, n_frozen) for v in run.values])
     target_ids, target_pos, target_weight = _padded_targets(batch["target_ids"], batch["target_pos"] - first[:n_prompts, None], n_target)
     live = LiveBatch(
