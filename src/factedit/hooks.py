@@ -128,8 +128,10 @@ def attention_mask_kind(model) -> str | None:
     return {"sdpa": "bool", "eager": "additive"}.get(getattr(model.config, "_attn_implementation", None))
 
 
-def as_attention_mask(allowed: torch.Tensor, kind: str, dtype) -> torch.Tensor:
-    """A boolean mask (True = may attend) in the form `kind` reads: itself, or 0 / the dtype's minimum."""
+def as_attention_mask(allowed: torch.Tensor, kind: str, dtype, blocked: float | None = None) -> torch.Tensor:
+    """A boolean mask (True = may attend) in the form `kind` reads: itself, or additive: 0 where
+    allowed, `blocked` elsewhere (default: the dtype's minimum)."""
     if kind == "bool":
         return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    fill = torch.finfo(dtype).min if blocked is None else blocked
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, fill)

@@ -337,7 +337,7 @@ def compute_value(model, tokenizer, fact, layer: int, context_templates: list[st
     replays each whole step (forward, backward, Adam, clamp) as one CUDA graph; graph_cache (default
     8) keeps that many graphs per model for later fits of the same (bucketed) shapes. bf16 (true, false,
     auto: where the hardware has it, GPU or CPU) runs the frozen run and each step's forward and
-    backward under bfloat16 autocast with the reached weights cast once (low_precision.py); δ, Adam
+    backward under bfloat16 autocast with the reached weights and biases cast once (low_precision.py); δ, Adam
     and the update stay float32/64.
     """
     start = time.perf_counter()

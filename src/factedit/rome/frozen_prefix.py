@@ -144,7 +144,7 @@ def _step_mask(allowed: torch.Tensor, kind: str, dtype: torch.dtype, bf16: bool)
     """The live mask in the form the steps' attention reads. Under bfloat16, sdpa gets it additive
     (0 / -inf) in bfloat16: what sdpa makes of a boolean mask at every call, in every layer, here made once."""
     if kind == "bool" and bf16:
-        return torch.zeros(allowed.shape, dtype=torch.bfloat16, device=allowed.device).masked_fill(~allowed, float("-inf"))
+        return as_attention_mask(allowed, "additive", torch.bfloat16, blocked=float("-inf"))
     return as_attention_mask(allowed, kind, dtype)
 
 
