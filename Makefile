@@ -1,11 +1,11 @@
 # make demo  — set up, precompute key statistics, edit "Eiffel Tower -> Rome" on SmolLM2-135M
-# make test  — set up, run the test suite
+# make test  — set up, check style (ruff), run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint format test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,7 +21,15 @@ demo: install
 	$(PY) src/precompute_stats.py
 	$(PY) src/edit.py fact=eiffel_rome
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: install

@@ -8,6 +8,7 @@ total s/edit and the ratio of the medians.
 
     python benchmarks/bench_revisions.py --base HEAD --rounds 4 -- --facts 2 --paths default
 """
+
 import argparse
 import os
 import shutil
@@ -30,8 +31,13 @@ def total_seconds(output: str) -> float:
 
 def run_bench(tree: Path, bench_args: list[str]) -> float:
     """bench_edit.py of `tree`, importing that tree's factedit; returns its total s/edit."""
-    result = subprocess.run([sys.executable, str(tree / "benchmarks" / "bench_edit.py"), *bench_args], cwd=tree,
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tree / "src")})
+    result = subprocess.run(
+        [sys.executable, str(tree / "benchmarks" / "bench_edit.py"), *bench_args],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tree / "src")},
+    )
     if result.returncode != 0:
         sys.exit(f"bench_edit.py failed in {tree}:\n{result.stderr[-2000:]}")
     return total_seconds(result.stdout)
@@ -43,10 +49,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("bench_args", nargs="*", help="arguments for bench_edit.py (after --)")
     args = parser.parse_args()
-    revision = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+    revision = subprocess.run(
+        ["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     base = Path(tempfile.mkdtemp(prefix="factedit-base-"))
-    subprocess.run(["git", "worktree", "add", "--detach", "-f", str(base), revision], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", "-f", str(base), revision], cwd=ROOT, check=True, capture_output=True
+    )
     try:
         if (ROOT / "stats").is_dir():  # the statistics are not in git
             shutil.rmtree(base / "stats", ignore_errors=True)

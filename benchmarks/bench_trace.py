@@ -15,6 +15,7 @@ user's run does, where whole-token batches are larger. Speed-ups compare time pe
 always costs one identical forward, so its per-cell time extrapolates exactly). The machine may be
 shared: CPU seconds of this process are the fairer measure; wall seconds are shown too.
 """
+
 import argparse
 import datetime
 import json
@@ -30,9 +31,17 @@ import torch
 from factedit.architectures import get_module, module_name, num_layers
 from factedit.models import load_model
 from factedit.paths import REPO_ROOT, SHARED_DATA_DIR
-from factedit.tracing.causal_trace import (KINDS, clean_run, corrupted_run, corrupted_subject_embeddings,
-                                           embedding_std, encode_prompt, grid_cells, restored_grid,
-                                           restored_probability_loop)
+from factedit.tracing.causal_trace import (
+    KINDS,
+    clean_run,
+    corrupted_run,
+    corrupted_subject_embeddings,
+    embedding_std,
+    encode_prompt,
+    grid_cells,
+    reference_restored_probability,
+    restored_grid,
+)
 
 FACT = ("{} is located in the city of", "Eiffel Tower", "Paris")
 
@@ -79,8 +88,10 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model)
     prompt = encode_prompt(tokenizer, *FACT)
-    subjects = [r["requested_rewrite"]["subject"] for r in
-                json.loads((SHARED_DATA_DIR / "counterfact" / "counterfact_original_format.json").read_text())]
+    subjects = [
+        r["requested_rewrite"]["subject"]
+        for r in json.loads((SHARED_DATA_DIR / "counterfact" / "counterfact_original_format.json").read_text())
+    ]
     noise_std = 3 * embedding_std(model, tokenizer, subjects)
     embeds = corrupted_subject_embeddings(model, prompt, args.samples, "noise", noise_std)
     clean = clean_run(model, prompt)
@@ -98,22 +109,32 @@ def main() -> None:
     rows, loop_scores = [], {}
 
     def run_loop():
-        return {kind: {(c.token, c.layer): restored_probability_loop(model, prompt, embeds, kind, c, target)
-                       for c in cells} for kind, cells in picked.items()}
+        return {
+            kind: {
+                (c.token, c.layer): reference_restored_probability(model, prompt, embeds, kind, c, target)
+                for c in cells
+            }
+            for kind, cells in picked.items()
+        }
 
     def run_batched(shortcuts, everything=False):
         def run():
             out = {}
             for kind, cells in picked.items():
                 only = None if everything else {(c.token, c.layer) for c in cells}
-                grid = restored_grid(model, clean, corrupted, kind, prompt, target, args.window, shortcuts=shortcuts,
-                                     only=only)
-                out[kind] = {(t, l): float(grid[t, l]) for t in range(n_tokens) for l in range(n_layers)}
+                grid = restored_grid(
+                    model, clean, corrupted, kind, prompt, target, args.window, shortcuts=shortcuts, only=only
+                )
+                out[kind] = {(t, layer): float(grid[t, layer]) for t in range(n_tokens) for layer in range(n_layers)}
             return out
+
         return run
 
-    methods = [("loop (ROME: 1 forward per cell)", run_loop, n_cells), ("batched", run_batched(False), n_cells),
-               ("batched + shortcuts (default)", run_batched(True), n_cells)]
+    methods = [
+        ("loop (ROME: 1 forward per cell)", run_loop, n_cells),
+        ("batched", run_batched(False), n_cells),
+        ("batched + shortcuts (default)", run_batched(True), n_cells),
+    ]
     if args.cells and not args.no_full:
         methods.append(("batched + shortcuts, whole grid", run_batched(True, everything=True), full_grid))
     for name, fn, cells in methods:
@@ -122,25 +143,33 @@ def main() -> None:
         if not loop_scores:
             loop_scores = scores
         diff = max(abs(scores[k][c] - loop_scores[k][c]) for k in loop_scores for c in loop_scores[k])
-        rows.append({"method": name, "forwards": counter.count, "cells": cells, "cpu_s": cpu, "wall_s": wall,
-                     "diff": diff})
+        rows.append(
+            {"method": name, "forwards": counter.count, "cells": cells, "cpu_s": cpu, "wall_s": wall, "diff": diff}
+        )
         print(f"{name}: {cpu:.1f} s CPU, {wall:.1f} s wall", flush=True)
     counter.handle.remove()
 
     base = rows[0]
-    header = ("| method | forwards | cells | CPU s | wall s | CPU s / cell | full grid, CPU s (est.) | speed-up CPU | "
-              "speed-up wall | max abs Δp vs loop |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    header = (
+        "| method | forwards | cells | CPU s | wall s | CPU s / cell | full grid, CPU s (est.) | speed-up CPU | "
+        "speed-up wall | max abs Δp vs loop |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+
     def speedup(row, key):  # the loop's time per cell over this method's
         return base[key] / base["cells"] * row["cells"] / row[key]
 
     lines = [header] + [
         f"| {r['method']} | {r['forwards']} | {r['cells']} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} | "
         f"{r['cpu_s'] / r['cells']:.3f} | {r['cpu_s'] / r['cells'] * full_grid:.0f} | "
-        f"{speedup(r, 'cpu_s'):.1f}× | {speedup(r, 'wall_s'):.1f}× | {r['diff']:.1e} |" for r in rows]
+        f"{speedup(r, 'cpu_s'):.1f}× | {speedup(r, 'wall_s'):.1f}× | {r['diff']:.1e} |"
+        for r in rows
+    ]
     table = "\n".join(lines)
-    context = (f"{args.model}, {prompt.text!r} ({n_tokens} tokens, {n_layers} layers), samples={args.samples}, "
-               f"window={args.window}, {n_cells} cells ({args.cells or 'all'} per kind; full grid {full_grid}); "
-               f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    context = (
+        f"{args.model}, {prompt.text!r} ({n_tokens} tokens, {n_layers} layers), samples={args.samples}, "
+        f"window={args.window}, {n_cells} cells ({args.cells or 'all'} per kind; full grid {full_grid}); "
+        f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    )
     print(f"\n{context}\n{machine()}\n\n{table}")
     if not args.no_results:
         append_results(table, context)
@@ -149,8 +178,10 @@ def main() -> None:
 def append_results(table: str, context: str) -> None:
     path = REPO_ROOT / "benchmarks" / "RESULTS.md"
     text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    section = (f"\n## Causal tracing (benchmarks/bench_trace.py)\n\n"
-               f"{datetime.date.today().isoformat()}, {machine()}.\n{context}.\n\n{table}\n")
+    section = (
+        f"\n## Causal tracing (benchmarks/bench_trace.py)\n\n"
+        f"{datetime.date.today().isoformat()}, {machine()}.\n{context}.\n\n{table}\n"
+    )
     Path(path).write_text(text.rstrip("\n") + "\n" + section)
     print(f"appended to {path}")
 

@@ -18,6 +18,7 @@ op lists, so a GPU's kernel counts differ; the casts removed here are made on bo
 
     python benchmarks/count_step_ops.py
 """
+
 import sys
 from pathlib import Path
 
@@ -28,20 +29,28 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_edit import FACTS, SHAPES, load  # noqa: E402
 
-from factedit.rome.compute_value import ValueOptimizer, build_value_batch  # noqa: E402
+from factedit.rome import resolve_hparams  # noqa: E402
+from factedit.rome.compute_value import value_optimizer  # noqa: E402
 from factedit.rome.context import context_templates  # noqa: E402
-from factedit.rome.frozen_prefix import frozen_context  # noqa: E402
-from factedit.rome.fused_activations import fused_activations  # noqa: E402
-from factedit.rome.low_precision import bf16_fit  # noqa: E402
+from factedit.rome.fast import value_engine  # noqa: E402
+from factedit.rome.fast.low_precision import bf16_fit  # noqa: E402
+from factedit.rome.value_batch import value_batch  # noqa: E402
 
-NARROW = {"gpt2-xl": dict(n_embd=64, n_head=4), "gpt-j": dict(n_embd=64, n_head=4, rotary_dim=8),
-          "llama-7b": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=4)}
+NARROW = {
+    "gpt2-xl": dict(n_embd=64, n_head=4),
+    "gpt-j": dict(n_embd=64, n_head=4, rotary_dim=8),
+    "llama-7b": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=4),
+}
 EDIT_LAYER = {"gpt2-xl": 17, "gpt-j": 5, "llama-7b": 5}  # ROME's for GPT-2 XL / GPT-J
-NOT_COUNTED = {"aten::" + name for name in (
-    "view as_strided transpose t reshape _reshape_alias expand slice select unsqueeze squeeze _unsafe_view permute "
-    "split split_with_sizes chunk narrow unflatten alias detach empty empty_strided empty_like contiguous "
-    "resolve_conj resolve_neg lift_fresh result_type is_nonzero item _local_scalar_dense "
-    "to matmul linear dropout layer_norm scaled_dot_product_attention").split()}
+NOT_COUNTED = {  # views, allocations, casts' wrappers and composite ops: what they call is counted
+    "aten::" + name
+    for name in (
+        "view as_strided transpose t reshape _reshape_alias expand slice select unsqueeze squeeze _unsafe_view permute "
+        "split split_with_sizes chunk narrow unflatten alias detach empty empty_strided empty_like contiguous "
+        "resolve_conj resolve_neg lift_fresh result_type is_nonzero item _local_scalar_dense "
+        "to matmul linear dropout layer_norm scaled_dot_product_attention"
+    ).split()
+}
 
 
 def step_counts(module, optimizer) -> tuple[int, int]:
@@ -60,16 +69,20 @@ def count(shape: str) -> tuple[int, dict]:
     model, tokenizer = load(shape, "cpu", "smollm2_135m")
     layer, fact = EDIT_LAYER[shape], FACTS[0]
     templates = context_templates(model, tokenizer, [[5, 10], [10, 10]], seed=0)
-    batch = build_value_batch(tokenizer, fact.prompt, fact.subject, fact.target_new, templates)
+    batch = value_batch(tokenizer, [fact], templates)
+    hparams = resolve_hparams(overrides=dict(layer=layer, bf16=True, cuda_graph=False))
     counts = {}
-    with fused_activations(model), frozen_context(model, layer, batch, bf16=True) as live:
+    with value_engine(model, layer, batch, hparams) as engine:
+        live = engine.live
         for label in ("now", "autocast alone"):
             if label == "autocast alone":
                 live.cache.keys[:] = [k.float() for k in live.cache.keys]
                 live.cache.values[:] = [v.float() for v in live.cache.values]
-                if live.inputs["attention_mask"].dtype == torch.bfloat16:  # sdpa: the boolean mask it converts at every call
+                if (
+                    live.inputs["attention_mask"].dtype == torch.bfloat16
+                ):  # sdpa: the boolean mask it converts at every call
                     live.inputs["attention_mask"] = live.inputs["attention_mask"] == 0
-            module = ValueOptimizer(model, batch, layer, live=live, bf16=True)
+            module = value_optimizer(engine)
             optimizer = torch.optim.Adam([module.delta], lr=0.5)
             with bf16_fit(model, layer) if label == "now" else sdpa_kernel([SDPBackend.MATH]):
                 counts[label] = step_counts(module, optimizer)
@@ -78,13 +91,20 @@ def count(shape: str) -> tuple[int, dict]:
 
 def main():
     torch.manual_seed(0)
-    print("| shape (depth, edit layer) | layers δ reaches | casts per layer: autocast alone → now | operations per layer: autocast alone → now | ratio |")
+    print(
+        "| shape (depth, edit layer) | layers δ reaches | casts per layer: autocast alone → now "
+        "| operations per layer: autocast alone → now | ratio |"
+    )
     print("|---|---:|---|---|---:|")
     for shape in NARROW:
         layers, counts = count(shape)
         (casts_before, ops_before), (casts_now, ops_now) = counts["autocast alone"], counts["now"]
-        print(f"| {shape} (layer {EDIT_LAYER[shape]}) | {layers} | {casts_before / layers:.1f} → {casts_now / layers:.1f} | "
-              f"{ops_before / layers:.1f} → {ops_now / layers:.1f} | {ops_before / ops_now:.2f}x |", flush=True)
+        print(
+            f"| {shape} (layer {EDIT_LAYER[shape]}) | {layers} | "
+            f"{casts_before / layers:.1f} → {casts_now / layers:.1f} | "
+            f"{ops_before / layers:.1f} → {ops_now / layers:.1f} | {ops_before / ops_now:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

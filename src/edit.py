@@ -1,4 +1,5 @@
 """Edit a fact with ROME: `python src/edit.py fact=eiffel_rome` (see configs/edit.yaml)."""
+
 import hydra
 
 from factedit.cli import setup

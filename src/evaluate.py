@@ -1,4 +1,5 @@
-"""Evaluate an editor on CounterFact: `python src/evaluate.py [editor=...] [data.limit=...]` (see configs/evaluate.yaml)."""
+"""Evaluate an editor on CounterFact: `python src/evaluate.py [editor=...] [data.limit=...]` (configs/evaluate.yaml)."""
+
 import hydra
 
 from factedit.cli import setup

@@ -1,4 +1,5 @@
 """Shared fixtures: real models are loaded once per session (from the user cache after the first time)."""
+
 import logging
 
 import pytest

@@ -3,18 +3,38 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from factedit import FacteditError
-from factedit.architectures import ARCHITECTURES, architecture_of, as_out_in, get_module, module_name, num_layers, rewrite_weight
+from factedit.architectures import (
+    ARCHITECTURES,
+    architecture_of,
+    as_out_in,
+    get_module,
+    module_name,
+    num_layers,
+    rewrite_weight,
+)
 from factedit.hooks import Trace
 
 TINY = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_inner=80),
     "gptj": dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_inner=80),
     "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80),
-    "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80),
-    "mistral": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80),
-    "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80),
-    "gemma3_text": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=80, head_dim=8),
+    "llama": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80
+    ),
+    "mistral": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80
+    ),
+    "qwen2": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80
+    ),
+    "gemma3_text": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=80,
+        head_dim=8,
+    ),
 }
 
 
@@ -38,11 +58,14 @@ def test_every_architecture_resolves_on_a_tiny_model(model_type):
 
 
 def test_unknown_architecture_names_the_table():
-    config = AutoConfig.for_model("bert", vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                  intermediate_size=64)
+    config = AutoConfig.for_model(
+        "bert", vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
     model = torch.nn.Linear(2, 2)  # any module carrying a config of an unlisted family
     model.config = config
-    with pytest.raises(FacteditError, match="unknown architecture 'bert'.*ARCHITECTURES in src/factedit/architectures.py"):
+    with pytest.raises(
+        FacteditError, match="unknown architecture 'bert'.*ARCHITECTURES in src/factedit/architectures.py"
+    ):
         architecture_of(model)
 
 

@@ -1,12 +1,12 @@
 """CounterFact records: both published formats from the real files, validation of bad input, sharding."""
+
 import json
 
 import pytest
 from torch.utils.data import DistributedSampler
 
 from factedit import FacteditError
-from factedit.data.counterfact import (DEV_FILE, FULL_URL, NO_RELATION, CounterFactDataModule, load_records,
-                                       relations_of)
+from factedit.data.counterfact import DEV_FILE, FULL_URL, NO_RELATION, CounterFactDataModule, load_records, relations_of
 
 EASYEDIT_FILE = DEV_FILE.parent / "counterfact-edit.json"
 
@@ -17,10 +17,17 @@ def test_dev_file_loads_every_record_with_rome_fields():
     first = records[0]
     raw = json.loads(DEV_FILE.read_text())[0]
     assert first.case_id == raw["case_id"] and first.text == raw["requested_rewrite"]["prompt"].format(first.subject)
-    assert (first.target_new, first.target_true) == (raw["requested_rewrite"]["target_new"]["str"],
-                                                     raw["requested_rewrite"]["target_true"]["str"])
-    assert all(len(r.paraphrase_prompts) == 2 and len(r.neighborhood_prompts) == 10 and len(r.attribute_prompts) == 10
-               and len(r.generation_prompts) == 10 for r in records)
+    assert (first.target_new, first.target_true) == (
+        raw["requested_rewrite"]["target_new"]["str"],
+        raw["requested_rewrite"]["target_true"]["str"],
+    )
+    assert all(
+        len(r.paraphrase_prompts) == 2
+        and len(r.neighborhood_prompts) == 10
+        and len(r.attribute_prompts) == 10
+        and len(r.generation_prompts) == 10
+        for r in records
+    )
     assert all(r.neighborhood_target == r.target_true for r in records)
     relations = relations_of(records)
     assert relations == sorted(relations) and "P17" in relations and NO_RELATION not in relations
@@ -44,10 +51,18 @@ def test_easyedit_format_agrees_with_the_original_records():
 
 
 def _original(case_id, **changes):
-    record = {"case_id": case_id, "requested_rewrite": {"prompt": "{} is located in", "subject": f"Place {case_id}",
-                                                        "relation_id": "P131", "target_new": {"str": "Rome"},
-                                                        "target_true": {"str": "Paris"}},
-              "paraphrase_prompts": [f"Place {case_id} lies in"], "neighborhood_prompts": ["The Louvre is in"]}
+    record = {
+        "case_id": case_id,
+        "requested_rewrite": {
+            "prompt": "{} is located in",
+            "subject": f"Place {case_id}",
+            "relation_id": "P131",
+            "target_new": {"str": "Rome"},
+            "target_true": {"str": "Paris"},
+        },
+        "paraphrase_prompts": [f"Place {case_id} lies in"],
+        "neighborhood_prompts": ["The Louvre is in"],
+    }
     for key, value in changes.items():
         target = record["requested_rewrite"] if key in record["requested_rewrite"] else record
         if value is None:
@@ -60,15 +75,22 @@ def _original(case_id, **changes):
 def test_malformed_records_are_skipped_with_their_case_id(tmp_path):
     items = [
         _original(1),
-        _original(2, target_new={"str": 7}),                        # target not a string
-        _original(3, prompt="Where is it located?"),                # subject absent from the prompt
-        _original(4, paraphrase_prompts=None),                      # missing field
-        _original(1),                                               # repeated case_id
-        {"case_id": 5, "prompt": "The tower is in", "subject": "Eiffel Tower", "target_new": "Rome",
-         "ground_truth": "Paris", "rephrase_prompt": "x", "locality_prompt": "y"},  # EasyEdit, subject absent
-        {"prompt": "no id"},                                        # no case_id
+        _original(2, target_new={"str": 7}),  # target not a string
+        _original(3, prompt="Where is it located?"),  # subject absent from the prompt
+        _original(4, paraphrase_prompts=None),  # missing field
+        _original(1),  # repeated case_id
+        {
+            "case_id": 5,
+            "prompt": "The tower is in",
+            "subject": "Eiffel Tower",
+            "target_new": "Rome",
+            "ground_truth": "Paris",
+            "rephrase_prompt": "x",
+            "locality_prompt": "y",
+        },  # EasyEdit, subject absent
+        {"prompt": "no id"},  # no case_id
         "not a record",
-        _original(6, target_true={"str": "Rome"}),                  # nothing to edit
+        _original(6, target_true={"str": "Rome"}),  # nothing to edit
         _original(7),
     ]
     path = tmp_path / "bad.json"

@@ -1,4 +1,5 @@
 """The real entry point, run as a user would: edit, resume (sequential), revert, and bad input."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_edit(*overrides, check=True):
-    result = subprocess.run([sys.executable, "src/edit.py", *overrides, "hydra.run.dir=${oc.env:TMPDIR,/tmp}/factedit-hydra"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "src/edit.py", *overrides, "hydra.run.dir=${oc.env:TMPDIR,/tmp}/factedit-hydra"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and result.returncode != 0:
         raise AssertionError(result.stderr[-3000:])
     return result
@@ -22,8 +28,13 @@ def run_edit(*overrides, check=True):
 @pytest.fixture(scope="module")
 def edited_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("edit")
-    common = ["model=tiny_llama", f"stats.dir={root / 'stats'}", "model.rome.v_num_grad_steps=3",
-              "editor.context_templates=[[3,2]]", "probe.max_new_tokens=3"]
+    common = [
+        "model=tiny_llama",
+        f"stats.dir={root / 'stats'}",
+        "editor.v_num_grad_steps=3",
+        "editor.context_templates=[[3,2]]",
+        "probe.max_new_tokens=3",
+    ]
     first = run_edit(*common, "stats.auto=true", "stats.auto_tokens=4096", f"run={root / 'one'}")
     second = run_edit(*common, f"resume={root / 'one'}", "fact=colosseum_athens", f"run={root / 'two'}")
     return root, common, first, second
@@ -55,11 +66,14 @@ def test_saved_work_is_never_overwritten(edited_run):
     assert (root / "one" / "edits.safetensors").read_bytes() == before
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["fact.prompt=Where is it?"], "exactly one '{}'"),
-    (["fact.target_new=Paris"], "target_new equals target_true"),
-    (["model.rome.layer=40"], "layer 40 is out of range"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["fact.prompt=Where is it?"], "exactly one '{}'"),
+        (["fact.target_new=Paris"], "target_new equals target_true"),
+        (["model.rome.layer=40"], "layer 40 is out of range"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, overrides, message):
     result = run_edit("model=tiny_llama", f"stats.dir={tmp_path}", f"run={tmp_path / 'x'}", *overrides, check=False)
     assert result.returncode == 2, result.stderr[-2000:]

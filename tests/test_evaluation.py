@@ -1,4 +1,5 @@
 """CounterFact evaluation: numerics against float64 references, the Lightning test loop, resume, DDP, reports."""
+
 import json
 import math
 import os
@@ -15,24 +16,38 @@ from hydra import compose, initialize_config_dir
 from factedit import FacteditError, load_model, model_fingerprint, revert_edits, save_edits
 from factedit.architectures import module_name, rewrite_weight
 from factedit.baselines import attention_second_moment, attn_late_hparams, fine_tune, identity_second_moment, late_layer
-from factedit.data.wikipedia import WikipediaDataModule
-from factedit.hooks import Trace
 from factedit.data.counterfact import DEV_FILE, CounterFactDataModule, Record, load_records
-from factedit.evaluation.command import check_settings, outcome_config, run
+from factedit.data.wikipedia import WikipediaDataModule
+from factedit.evaluation.command import outcome_config, run
 from factedit.evaluation.editors import RankOneEdit
 from factedit.evaluation.generation import TfIdf, generation_entropy, ngram_entropy, text_entropy, wikipedia_tfidf
 from factedit.evaluation.metrics import CounterFactMetrics, EditScore, RecordMean, harmonic_mean
 from factedit.evaluation.module import CounterFactEvaluator
-from factedit.evaluation.probabilities import (measure_record, pack_rows, pair_tokens, record_pairs, record_scores,
-                                               target_nlls, target_nlls_straightforward)
+from factedit.evaluation.probabilities import (
+    measure_record,
+    pack_rows,
+    pair_tokens,
+    record_pairs,
+    record_scores,
+    reference_target_nlls,
+    target_nlls,
+)
 from factedit.evaluation.report import CHANGE_KEYS, change_from_unedited, compare, score_difference
+from factedit.hooks import Trace
 from factedit.paths import CONFIG_DIR, REPO_ROOT
-from factedit.rome import edit
-from factedit.rome.low_precision import native_bf16
+from factedit.rome import edit, resolve_hparams
+from factedit.rome.fast.low_precision import native_bf16
 
-RECORD = Record(case_id=0, subject="Eiffel Tower", prompt="The {} is located in", target_new="Sagrada Familia of Barcelona",
-                target_true="Paris", relation_id="P131", paraphrase_prompts=["Tourists visit the Eiffel Tower in"],
-                neighborhood_prompts=["The Louvre is located in", "Notre-Dame de Paris is in"])
+RECORD = Record(
+    case_id=0,
+    subject="Eiffel Tower",
+    prompt="The {} is located in",
+    target_new="Sagrada Familia of Barcelona",
+    target_true="Paris",
+    relation_id="P131",
+    paraphrase_prompts=["Tourists visit the Eiffel Tower in"],
+    neighborhood_prompts=["The Louvre is located in", "Notre-Dame de Paris is in"],
+)
 
 
 def reference_nll(model, tokenizer, prompt: str, target: str) -> float:
@@ -47,13 +62,14 @@ def reference_nll(model, tokenizer, prompt: str, target: str) -> float:
 
 # ---------------------------------------------------------------- probabilities
 
+
 def test_batched_nlls_equal_one_forward_per_prompt_and_target(tiny_llama64):
     model, tokenizer = tiny_llama64
     pairs, _ = record_pairs(RECORD)
     batched = target_nlls(model, tokenizer, pairs)
     reference = torch.tensor([reference_nll(model, tokenizer, p, t) for p, t in pairs], dtype=torch.float64)
     assert torch.allclose(batched, reference, atol=1e-10, rtol=0)
-    assert torch.allclose(target_nlls_straightforward(model, tokenizer, pairs), reference, atol=1e-10, rtol=0)
+    assert torch.allclose(reference_target_nlls(model, tokenizer, pairs), reference, atol=1e-10, rtol=0)
 
 
 def test_prefix_rows_are_shared():
@@ -64,19 +80,25 @@ def test_prefix_rows_are_shared():
 def test_float32_measure_and_scores_match_the_float64_reference(tiny_llama, tiny_llama64):
     nlls = measure_record(*tiny_llama, RECORD)
     assert [len(nlls[k]) for k in ("rewrite", "paraphrase", "neighborhood")] == [1, 1, 2]
-    reference = {kind: [[reference_nll(*tiny_llama64, prompt, target) for target in targets] for prompt, targets in items]
-                 for kind, items in (("rewrite", [(RECORD.text, (RECORD.target_new, RECORD.target_true))]),
-                                     ("paraphrase", [(p, (RECORD.target_new, RECORD.target_true)) for p in RECORD.paraphrase_prompts]),
-                                     ("neighborhood", [(p, (RECORD.target_new, RECORD.target_true)) for p in RECORD.neighborhood_prompts]))}
+    reference = {
+        kind: [[reference_nll(*tiny_llama64, prompt, target) for target in targets] for prompt, targets in items]
+        for kind, items in (
+            ("rewrite", [(RECORD.text, (RECORD.target_new, RECORD.target_true))]),
+            ("paraphrase", [(p, (RECORD.target_new, RECORD.target_true)) for p in RECORD.paraphrase_prompts]),
+            ("neighborhood", [(p, (RECORD.target_new, RECORD.target_true)) for p in RECORD.neighborhood_prompts]),
+        )
+    }
     for kind in reference:
         assert torch.allclose(torch.tensor(nlls[kind]), torch.tensor(reference[kind]), atol=1e-4), kind
     scores = record_scores(reference)
-    (new, true), = reference["rewrite"]
+    ((new, true),) = reference["rewrite"]
     assert scores["efficacy_score"] == float(true > new)
     assert scores["efficacy_magnitude"] == pytest.approx(math.exp(-new) - math.exp(-true), abs=1e-15)
     ns = [float(t < n) for n, t in reference["neighborhood"]]
     assert scores["neighborhood_score"] == pytest.approx(sum(ns) / 2)
-    assert scores["neighborhood_magnitude"] == pytest.approx(sum(math.exp(-t) - math.exp(-n) for n, t in reference["neighborhood"]) / 2)
+    assert scores["neighborhood_magnitude"] == pytest.approx(
+        sum(math.exp(-t) - math.exp(-n) for n, t in reference["neighborhood"]) / 2
+    )
 
 
 def test_targets_are_tokenized_after_a_space():
@@ -86,6 +108,7 @@ def test_targets_are_tokenized_after_a_space():
 
 
 # ---------------------------------------------------------------- metrics
+
 
 def test_metrics_are_record_means_overall_and_per_relation_and_merge_like_ddp():
     g = torch.Generator().manual_seed(0)
@@ -106,31 +129,54 @@ def test_metrics_are_record_means_overall_and_per_relation_and_merge_like_ddp():
             assert abs(result["by_relation"][r].item() - (0.0 if (m == 0).any() else 3 / (1 / m).sum()).item()) < 1e-12
     mean = RecordMean(2)
     mean.update(torch.tensor([0.5, float("nan"), 1.0, 0.25], dtype=torch.float64), torch.tensor([0, 0, 1, 1]))
-    assert mean.compute()["all"].item() == pytest.approx(1.75 / 3) and mean.compute()["by_relation"].tolist() == [0.5, 0.625]
+    assert mean.compute()["all"].item() == pytest.approx(1.75 / 3) and mean.compute()["by_relation"].tolist() == [
+        0.5,
+        0.625,
+    ]
     assert harmonic_mean(torch.tensor([1.0, 0.0, 0.5])).item() == 0.0
 
 
 def test_counterfact_metrics_summarize_result_lines():
     metrics = CounterFactMetrics(["P1", "P2"])
-    lines = [{"relation_id": "P1", "scores": {"pre": record_scores({"rewrite": [[2.0, 1.0]], "paraphrase": [[1.0, 2.0], [3.0, 1.0]],
-                                                                     "neighborhood": [[3.0, 1.0]]}),
-                                              "post": record_scores({"rewrite": [[0.1, 3.0]], "paraphrase": [[0.5, 2.0], [0.2, 1.0]],
-                                                                     "neighborhood": [[3.0, 1.0]]})},
-              "generation": {"generation_entropy": 5.0, "reference_score": 0.25}},
-             {"relation_id": "P2", "scores": {"pre": record_scores({"rewrite": [[2.0, 1.0]], "paraphrase": [], "neighborhood": [[1.0, 3.0]]}),
-                                              "post": record_scores({"rewrite": [[0.3, 1.0]], "paraphrase": [], "neighborhood": [[1.0, 3.0]]})}},
-             {"relation_id": "P2", "error": "the model already answers"}]
+    lines = [
+        {
+            "relation_id": "P1",
+            "scores": {
+                "pre": record_scores(
+                    {"rewrite": [[2.0, 1.0]], "paraphrase": [[1.0, 2.0], [3.0, 1.0]], "neighborhood": [[3.0, 1.0]]}
+                ),
+                "post": record_scores(
+                    {"rewrite": [[0.1, 3.0]], "paraphrase": [[0.5, 2.0], [0.2, 1.0]], "neighborhood": [[3.0, 1.0]]}
+                ),
+            },
+            "generation": {"generation_entropy": 5.0, "reference_score": 0.25},
+        },
+        {
+            "relation_id": "P2",
+            "scores": {
+                "pre": record_scores({"rewrite": [[2.0, 1.0]], "paraphrase": [], "neighborhood": [[1.0, 3.0]]}),
+                "post": record_scores({"rewrite": [[0.3, 1.0]], "paraphrase": [], "neighborhood": [[1.0, 3.0]]}),
+            },
+        },
+        {"relation_id": "P2", "error": "the model already answers"},
+    ]
     for line in lines:
         metrics.update(line)
     summary = metrics.compute()
     assert summary["records"] == 2 and summary["failed"] == 1
-    assert summary["post"]["efficacy_score"] == 1.0 and summary["post"]["paraphrase_score"] == 1.0  # P2 has no paraphrase
+    assert (
+        summary["post"]["efficacy_score"] == 1.0 and summary["post"]["paraphrase_score"] == 1.0
+    )  # P2 has no paraphrase
     assert summary["post"]["neighborhood_score"] == 0.5 and summary["pre"]["paraphrase_score"] == 0.5
     assert summary["post"]["generation_entropy"] == 5.0 and summary["post"]["score"] == pytest.approx(3 / (1 + 1 + 2))
-    assert summary["by_relation"]["P1"]["records"] == 1 and summary["by_relation"]["P2"]["post"]["paraphrase_score"] is None
+    assert (
+        summary["by_relation"]["P1"]["records"] == 1
+        and summary["by_relation"]["P2"]["post"]["paraphrase_score"] is None
+    )
 
 
 # ---------------------------------------------------------------- generation metrics
+
 
 def test_ngram_entropy_matches_a_hand_count():
     text = "a b a b"  # bigrams ab, ba, ab; trigrams aba, bab
@@ -143,9 +189,12 @@ def test_ngram_entropy_matches_a_hand_count():
 
 def test_tfidf_is_sklearn_weighting_with_cosine():
     tfidf = TfIdf(["the cat sat", "the dog sat", "a bird sang"])
-    idf = {w: math.log(4 / (1 + df)) + 1 for w, df in {"the": 2, "cat": 1, "sat": 2, "dog": 1, "bird": 1, "sang": 1}.items()}
-    a = {"the": 2 * idf["the"], "cat": idf["cat"]}                     # "The cat, the." (a is one letter: ignored)
-    b = {"the": idf["the"], "dog": idf["dog"], "sat": idf["sat"]}      # "the dog sat unknownword"
+    idf = {
+        w: math.log(4 / (1 + df)) + 1
+        for w, df in {"the": 2, "cat": 1, "sat": 2, "dog": 1, "bird": 1, "sang": 1}.items()
+    }
+    a = {"the": 2 * idf["the"], "cat": idf["cat"]}  # "The cat, the." (a is one letter: ignored)
+    b = {"the": idf["the"], "dog": idf["dog"], "sat": idf["sat"]}  # "the dog sat unknownword"
     dot = sum(a[w] * b.get(w, 0) for w in a)
     expected = dot / math.sqrt(sum(v * v for v in a.values())) / math.sqrt(sum(v * v for v in b.values()))
     assert tfidf.similarity("The cat, the. a", "the dog sat unknownword") == pytest.approx(expected, abs=1e-12)
@@ -155,6 +204,7 @@ def test_tfidf_is_sklearn_weighting_with_cosine():
 
 
 # ---------------------------------------------------------------- baselines
+
 
 def _line(pre: tuple, post: tuple) -> dict:
     return {"scores": {"pre": dict(zip(CHANGE_KEYS, pre)), "post": dict(zip(CHANGE_KEYS, post))}}
@@ -173,10 +223,12 @@ def test_change_from_unedited_is_a_paired_bootstrap_of_the_mean_change():
     lines = [_line((1, 1, p), (1, 1, p + c)) for p, c in zip(pre.tolist(), change.tolist())]
     lines.append({"case_id": 7, "error": "failed"})  # failed records carry no scores and are left out
     ns = change_from_unedited(lines)["neighborhood_score"]
-    normal = 1.96 * 100 * change.std().item() / 400 ** 0.5  # the bootstrap of a mean of 400 is close to normal
+    normal = 1.96 * 100 * change.std().item() / 400**0.5  # the bootstrap of a mean of 400 is close to normal
     assert ns["records"] == 400 and ns["mean"] == pytest.approx(100 * change.mean().item(), abs=1e-9)
     assert ns["low"] < ns["mean"] < ns["high"]
-    assert ns["high"] - ns["mean"] == pytest.approx(normal, rel=0.2) and ns["mean"] - ns["low"] == pytest.approx(normal, rel=0.2)
+    assert ns["high"] - ns["mean"] == pytest.approx(normal, rel=0.2) and ns["mean"] - ns["low"] == pytest.approx(
+        normal, rel=0.2
+    )
     assert change_from_unedited([{"scores": {"post": {}}}]) == {}  # pre=false: nothing to compare
 
 
@@ -200,12 +252,26 @@ def test_score_difference_pairs_records_by_case_id(tmp_path):
     # compare=[...] prints each run's Score against the best run's, on the records both measured
     for name, lines, scores in (("a", lines_a, a_scores), ("b", lines_b, b_scores)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "records.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
-        post = {**{k: 100 * v for k, v in zip(CHANGE_KEYS, scores.mean(0).tolist())}, "score": 100 * hmean(scores.mean(0))}
-        summary = {"run": name, "editor": name, "model": "m", "data": "d.json", "records": len(lines), "pre": {}, "post": post, "change": {}}
+        (tmp_path / name / "records.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        post = {
+            **{k: 100 * v for k, v in zip(CHANGE_KEYS, scores.mean(0).tolist())},
+            "score": 100 * hmean(scores.mean(0)),
+        }
+        summary = {
+            "run": name,
+            "editor": name,
+            "model": "m",
+            "data": "d.json",
+            "records": len(lines),
+            "pre": {},
+            "post": post,
+            "change": {},
+        }
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
-    assert f"Score of b − a on the 60 records both measured: {got['mean']:+.1f} [{got['low']:+.1f}, {got['high']:+.1f}]" \
+    assert (
+        f"Score of b − a on the 60 records both measured: {got['mean']:+.1f} [{got['low']:+.1f}, {got['high']:+.1f}]"
         in compare(["a", "b"], tmp_path)
+    )
 
 
 def test_ft_l_stays_in_the_linf_ball_and_ft_lowers_the_loss(tiny_llama):
@@ -226,13 +292,17 @@ def test_ft_l_stays_in_the_linf_ball_and_ft_lowers_the_loss(tiny_llama):
 
 def test_attn_late_edits_only_the_late_attention_projection(tiny_llama64):
     model, tokenizer = tiny_llama64
-    hparams = attn_late_hparams(model, dict(v_num_grad_steps=3, context_templates=[[3, 1]], seed=0))
-    assert hparams["layer"] == late_layer(model) == 3 and hparams["role"] == "attn_out"
+    hparams = attn_late_hparams(
+        model, resolve_hparams(model, dict(v_num_grad_steps=3, context_templates=[[3, 1]], seed=0))
+    )
+    assert hparams.layer == late_layer(model) == 3 and hparams.role == "attn_out"
     editor = RankOneEdit("attn_late", hparams, identity_second_moment(model, 3))
     before = {n: p.clone() for n, p in model.named_parameters()}
     backup = editor(model, tokenizer, RECORD)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert list(backup) == [module_name(model, "attn_out", 3)] and changed == {module_name(model, "attn_out", 3) + ".weight"}
+    assert list(backup) == [module_name(model, "attn_out", 3)] and changed == {
+        module_name(model, "attn_out", 3) + ".weight"
+    }
 
 
 def test_attention_second_moment_is_the_mean_outer_product_of_its_inputs(tiny_llama64, tmp_path, monkeypatch):
@@ -254,6 +324,7 @@ def test_attention_second_moment_is_the_mean_outer_product_of_its_inputs(tiny_ll
 
 # ---------------------------------------------------------------- the Lightning test loop, end to end
 
+
 def compose_cfg(*overrides):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="evaluate", overrides=["model=tiny_llama", *overrides])
@@ -262,7 +333,14 @@ def compose_cfg(*overrides):
 def write_data(tmp_path, count=3, bad=True) -> Path:
     items = json.loads(DEV_FILE.read_text())[:count]
     if bad:
-        items.insert(1, {**items[0], "case_id": 999999, "requested_rewrite": {**items[0]["requested_rewrite"], "target_new": {"str": 5}}})
+        items.insert(
+            1,
+            {
+                **items[0],
+                "case_id": 999999,
+                "requested_rewrite": {**items[0]["requested_rewrite"], "target_new": {"str": 5}},
+            },
+        )
     path = tmp_path / "data.json"
     path.write_text(json.dumps(items))
     return path
@@ -275,19 +353,34 @@ def lines_of(out: Path) -> list[dict]:
 def test_ft_run_writes_lines_and_a_summary_and_resumes(tmp_path):
     data = write_data(tmp_path, count=2)
     case_ids = [r.case_id for r in load_records(DEV_FILE, limit=2)[0]]
-    options = ["editor=ft", "editor.steps=2", "gen.max_tokens=16", "gen.prompts=1", f"data.path={data}",
-               f"out_dir={tmp_path / 'run'}", "+trainer.enable_progress_bar=false"]
+    options = [
+        "editor=ft",
+        "editor.steps=2",
+        "gen.max_tokens=16",
+        "gen.prompts=1",
+        f"data.path={data}",
+        f"out_dir={tmp_path / 'run'}",
+        "+trainer.enable_progress_bar=false",
+    ]
     out = run(compose_cfg(*options))
     summary, lines = json.loads((out / "summary.json").read_text()), lines_of(out)
-    assert [l["case_id"] for l in lines] == case_ids and summary["records"] == 2 and summary["skipped"] == 1
+    assert [line["case_id"] for line in lines] == case_ids and summary["records"] == 2 and summary["skipped"] == 1
     assert summary["skipped_records"][0]["case_id"] == "999999"
-    assert all(l["edit_info"]["steps"] >= 1 and len(l["generation"]["texts"]) == 1 for l in lines)
+    assert all(line["edit_info"]["steps"] >= 1 and len(line["generation"]["texts"]) == 1 for line in lines)
     # summary = mean of the per-record lines (float64), ×100
     for key in ("efficacy_score", "paraphrase_magnitude", "neighborhood_score"):
-        assert summary["post"][key] == pytest.approx(100 * sum(l["scores"]["post"][key] for l in lines) / 2, abs=1e-9)
+        assert summary["post"][key] == pytest.approx(
+            100 * sum(line["scores"]["post"][key] for line in lines) / 2, abs=1e-9
+        )
     assert summary["post"]["generation_entropy"] == pytest.approx(
-        100 * sum(l["generation"]["generation_entropy"] for l in lines) / 2, abs=1e-9)
-    ns_change = sum(l["scores"]["post"]["neighborhood_score"] - l["scores"]["pre"]["neighborhood_score"] for l in lines) / 2
+        100 * sum(line["generation"]["generation_entropy"] for line in lines) / 2, abs=1e-9
+    )
+    ns_change = (
+        sum(
+            line["scores"]["post"]["neighborhood_score"] - line["scores"]["pre"]["neighborhood_score"] for line in lines
+        )
+        / 2
+    )
     assert summary["change"]["neighborhood_score"]["mean"] == pytest.approx(100 * ns_change, abs=1e-9)
     assert "Change from the unedited model" in (out / "summary.md").read_text()
     table = compare([out], tmp_path)
@@ -301,14 +394,16 @@ def test_ft_run_writes_lines_and_a_summary_and_resumes(tmp_path):
     run(compose_cfg(*options))
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["records_this_run"] == 1 and resumed["records"] == 2
-    assert [l["case_id"] for l in lines_of(out)] == case_ids  # the cut line is gone, the record measured again
+    assert [line["case_id"] for line in lines_of(out)] == case_ids  # the cut line is gone, the record measured again
     for key in ("efficacy_score", "neighborhood_magnitude", "generation_entropy", "reference_score", "score"):
         assert resumed["post"][key] == pytest.approx(summary["post"][key], abs=1e-9), key
     with pytest.raises(FacteditError, match="other settings"):
         run(compose_cfg(*options, "editor.steps=3"))
     # options that change no number on this CPU (how steps run on a GPU) do not block resuming
     execution_only = ("+editor.cuda_graph=true", "+editor.fused_activations=false")
-    assert json.loads((run(compose_cfg(*options, *execution_only)) / "summary.json").read_text())["records_this_run"] == 0
+    assert (
+        json.loads((run(compose_cfg(*options, *execution_only)) / "summary.json").read_text())["records_this_run"] == 0
+    )
 
 
 def test_bf16_counts_as_it_resolves_on_this_device():
@@ -324,33 +419,39 @@ def test_bf16_counts_as_it_resolves_on_this_device():
         outcome_config({"bf16": "half"}, cpu)
 
 
-def test_a_run_saved_before_an_option_existed_resumes_only_with_the_old_behaviour(tmp_path):
-    saved = {"editor": "rome", "editor_config": {"name": "rome", "update": "fixed", "loss_threshold": 0.05, "cuda_graph": True}}
-    (tmp_path / "settings.json").write_text(json.dumps(saved))
-    now = {"editor": "rome", "editor_config": {"name": "rome", "update": "fixed", "loss_threshold": 0.05}}
-    check_settings(tmp_path, {**now, "editor_config": {**now["editor_config"], "stop_on": "loss"}})  # what the old run did
-    check_settings(tmp_path, {**now, "editor_config": {**now["editor_config"], "stop_on": "loss", "bf16": False}})  # CPU: float32
-    with pytest.raises(FacteditError, match="editor_config differ"):
-        check_settings(tmp_path, {**now, "editor_config": {**now["editor_config"], "stop_on": "loss", "bf16": True}})
-    with pytest.raises(FacteditError, match="editor_config differ"):
-        check_settings(tmp_path, {**now, "editor_config": {**now["editor_config"], "stop_on": "nll"}})
-
-
 def test_saved_edits_are_measured_without_editing(tmp_path, tiny_llama):
     model, tokenizer = tiny_llama
     (record,), _ = load_records(DEV_FILE, limit=1)
     d_mlp = rewrite_weight(model, 1).shape[1]
-    edits = edit(model, tokenizer, record.to_fact(), stats={1: torch.eye(d_mlp)},
-                 hparams=dict(layer=1, v_num_grad_steps=3, context_templates=[[3, 1]]))
+    edits = edit(
+        model,
+        tokenizer,
+        record.to_fact(),
+        stats={1: torch.eye(d_mlp)},
+        hparams=dict(layer=1, v_num_grad_steps=3, context_templates=[[3, 1]]),
+    )
     edited = measure_record(model, tokenizer, record)
     revert_edits(model, edits.backup)
-    save_edits(tmp_path / "ckpt" / "edits.safetensors", list(edits), base_fingerprint=model_fingerprint(model),
-               model_name="tiny_llama")
-    out = run(compose_cfg(f"edits={tmp_path / 'ckpt'}", "gen=false", "data.limit=3", f"out_dir={tmp_path / 'run'}",
-                          "+trainer.enable_progress_bar=false"))
+    save_edits(
+        tmp_path / "ckpt" / "edits.safetensors",
+        list(edits),
+        base_fingerprint=model_fingerprint(model),
+        model_name="tiny_llama",
+    )
+    out = run(
+        compose_cfg(
+            f"edits={tmp_path / 'ckpt'}",
+            "gen=false",
+            "data.limit=3",
+            f"out_dir={tmp_path / 'run'}",
+            "+trainer.enable_progress_bar=false",
+        )
+    )
     (line,) = lines_of(out)
     assert line["case_id"] == record.case_id and line["editor"] == "saved"
-    assert torch.allclose(torch.tensor(line["nlls"]["post"]["paraphrase"]), torch.tensor(edited["paraphrase"]), atol=1e-6)
+    assert torch.allclose(
+        torch.tensor(line["nlls"]["post"]["paraphrase"]), torch.tensor(edited["paraphrase"]), atol=1e-6
+    )
     assert line["nlls"]["pre"] != line["nlls"]["post"]
 
 
@@ -368,9 +469,17 @@ class RefusesCase3:
 def test_failed_edits_are_counted_and_leave_the_weights(tiny_llama):
     model, tokenizer = tiny_llama
     records, _ = load_records(DEV_FILE, limit=3)
-    evaluator = CounterFactEvaluator(model, tokenizer, RefusesCase3(), sorted({r.relation_id for r in records}), pre=False)
-    trainer = lightning.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=False, enable_progress_bar=False,
-                                enable_model_summary=False)
+    evaluator = CounterFactEvaluator(
+        model, tokenizer, RefusesCase3(), sorted({r.relation_id for r in records}), pre=False
+    )
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        inference_mode=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     before = rewrite_weight(model, 1).clone()
     trainer.test(evaluator, datamodule=CounterFactDataModule(records), verbose=False)
     assert evaluator.summary["records"] == 2 and evaluator.summary["failed"] == 1
@@ -392,26 +501,52 @@ def test_an_edit_that_is_not_restored_stops_the_run(tiny_llama64):
     model, tokenizer = tiny_llama64
     records, _ = load_records(DEV_FILE, limit=1)
     evaluator = CounterFactEvaluator(model, tokenizer, Leaks(), [records[0].relation_id], pre=False)
-    trainer = lightning.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=False, enable_progress_bar=False,
-                                enable_model_summary=False)
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        inference_mode=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(AssertionError, match="weights changed outside the editor's backup"):
         trainer.test(evaluator, datamodule=CounterFactDataModule(records), verbose=False)
 
 
 def test_two_process_ddp_gives_the_numbers_of_one_process(tmp_path):
     data = write_data(tmp_path, count=3)
-    single = run(compose_cfg("editor=none", "gen=false", f"data.path={data}",
-                             f"out_dir={tmp_path / 'one'}", "+trainer.enable_progress_bar=false"))
+    single = run(
+        compose_cfg(
+            "editor=none",
+            "gen=false",
+            f"data.path={data}",
+            f"out_dir={tmp_path / 'one'}",
+            "+trainer.enable_progress_bar=false",
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
-    command = [sys.executable, str(REPO_ROOT / "src" / "evaluate.py"), "model=tiny_llama", "editor=none", "gen=false",
-               f"data.path={data}", f"out_dir={tmp_path / 'two'}", "trainer=ddp", "trainer.devices=2",
-               "trainer.accelerator=cpu", "+trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "src" / "evaluate.py"),
+        "model=tiny_llama",
+        "editor=none",
+        "gen=false",
+        f"data.path={data}",
+        f"out_dir={tmp_path / 'two'}",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "+trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
     assert two["devices"] == 2 and two["records"] == one["records"] == 3 and two["skipped"] == 1
-    ranks = Counter(l["rank"] for l in lines_of(tmp_path / "two"))
-    assert sorted(l["case_id"] for l in lines_of(tmp_path / "two")) == [r.case_id for r in load_records(DEV_FILE, limit=3)[0]]
+    ranks = Counter(line["rank"] for line in lines_of(tmp_path / "two"))
+    assert sorted(line["case_id"] for line in lines_of(tmp_path / "two")) == [
+        r.case_id for r in load_records(DEV_FILE, limit=3)[0]
+    ]
     assert set(ranks) == {0, 1}
     for stage in ("pre", "post"):
         for key, value in one[stage].items():

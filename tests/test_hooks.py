@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from factedit.architectures import get_module, module_name
+from factedit.errors import FacteditError
 from factedit.hooks import Trace, add_at_positions, run_until
 
 
@@ -48,11 +49,9 @@ def test_stop_forward_captures_the_same_tensor(smollm2):
 def test_hooks_are_removed_after_an_exception(tiny_llama):
     model, tokenizer = tiny_llama
     names = [module_name(model, "rewrite", i) for i in range(4)]
-    with pytest.raises(RuntimeError, match="boom"):
-        with Trace(model, names, retain_input=True):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), Trace(model, names, retain_input=True):
+        raise RuntimeError("boom")
     assert all(not get_module(model, n)._forward_hooks for n in names)
-    with pytest.raises(Exception):
-        with Trace(model, names + ["model.no_such_module"]):
-            pass
+    with pytest.raises(FacteditError, match="not found"), Trace(model, names + ["model.no_such_module"]):
+        pass
     assert all(not get_module(model, n)._forward_hooks for n in names)

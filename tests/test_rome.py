@@ -1,24 +1,36 @@
 """ROME's algebra and machinery on tiny float64 models, checked against float64 references."""
+
 import contextlib
 
 import pytest
 import torch
 
 from factedit import FacteditError, load_model, model_fingerprint
-from factedit.architectures import as_out_in, get_module, module_name, rewrite_weight
+from factedit.architectures import as_out_in, get_module, module_name, rewrite_weight, unembed
 from factedit.hooks import Trace
-from factedit.rome import Fact, apply_edits, edit, load_edits, revert_edits, save_edits
-from factedit.rome.compute_key import compute_key, subject_keys
+from factedit.rome import Fact, apply_edits, edit, load_edits, resolve_hparams, revert_edits, save_edits
+from factedit.rome.compute_key import reference_key, subject_keys, template_keys
+from factedit.rome.compute_value import ValueObjective, ValueOptimizer, compute_value
 from factedit.rome.context import context_templates
-from factedit.rome.compute_value import GRAPH_WARMUP, ValueOptimizer, build_value_batch, compute_value
-from factedit.rome.frozen_prefix import BUCKETS, can_freeze, frozen_context
-from factedit.rome.fused_activations import TanhGELU, fused_activations
-from factedit.rome.low_precision import bf16_autocast, bf16_fit, native_bf16, resolve_bf16
+from factedit.rome.fast import full_zero_run, value_engine
+from factedit.rome.fast.frozen_prefix import BUCKETS, can_freeze, frozen_context
+from factedit.rome.fast.fused_activations import TanhGELU, fused_activations
+from factedit.rome.fast.low_precision import bf16_autocast, bf16_fit, native_bf16, resolve_bf16
+from factedit.rome.fast.step_graph import GRAPH_WARMUP
 from factedit.rome.update import delta_weight, rank_one_update, solve_second_moment
+from factedit.rome.value_batch import value_batch
 
 FACT = Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Rome", target_true="Paris")
 TEMPLATES = ["{}", "The weather today. {}", "Because of this, we. {}"]
 HP = dict(layer=1, v_num_grad_steps=5, context_templates=[[3, 2]], seed=0)
+
+
+def fit_value(model, tokenizer, fact, layer, templates, hparams) -> ValueOptimizer:
+    """The v* fit of one fact as an edit runs it (eager float32 steps unless `hparams` asks otherwise)."""
+    hp = resolve_hparams(overrides={"bf16": False, "cuda_graph": False, "graph_cache": 0, **hparams, "layer": layer})
+    batch = value_batch(tokenizer, [fact], templates, model.device)
+    with value_engine(model, layer, batch, hp) as engine:
+        return compute_value(engine, [fact])
 
 
 def random_second_moment(d, tokens=500, seed=0):
@@ -46,7 +58,9 @@ def test_two_key_update_shifts_both_keys_by_the_same_residual():
     """two_keys: still rank one; (W + ΔW)k̄ = v* and the second key moves by the same v* − W k̄;
     keys C⁻¹-orthogonal to both are untouched; u is the C-smallest such vector (float64)."""
     g = torch.Generator().manual_seed(2)
-    weight, key, bare, target = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((6, 10), (10,), (10,), (6,)))
+    weight, key, bare, target = (
+        torch.randn(*s, generator=g, dtype=torch.float64) for s in ((6, 10), (10,), (10,), (6,))
+    )
     second_moment = random_second_moment(10)
     u, lam = rank_one_update(weight, second_moment, key, target, also_key=bare)
     change = delta_weight(u, lam)
@@ -61,10 +75,15 @@ def test_two_key_update_shifts_both_keys_by_the_same_residual():
     keys_basis = torch.linalg.qr(torch.stack([key, bare], dim=1)).Q
     z = torch.randn(10, generator=g, dtype=torch.float64)
     alternative = u + (z - keys_basis @ (keys_basis.T @ z))  # meets uᵀk̄ = uᵀk₀ = 1 as well
-    assert torch.allclose(alternative @ bare, u @ bare) and u @ second_moment @ u < alternative @ second_moment @ alternative
+    assert (
+        torch.allclose(alternative @ bare, u @ bare)
+        and u @ second_moment @ u < alternative @ second_moment @ alternative
+    )
     # a second key along k̄ adds no condition: the plain update
     plain = delta_weight(*rank_one_update(weight, second_moment, key, target))
-    assert torch.allclose(delta_weight(*rank_one_update(weight, second_moment, key, target, also_key=2 * key)), plain, atol=1e-9)
+    assert torch.allclose(
+        delta_weight(*rank_one_update(weight, second_moment, key, target, also_key=2 * key)), plain, atol=1e-9
+    )
 
 
 def test_second_moment_solve_is_factored_once_per_statistics_and_redone_when_they_change():
@@ -90,7 +109,7 @@ def test_update_rejects_mismatched_statistics():
 
 def test_compute_key_is_the_template_mean(tiny_llama64):
     model, tokenizer = tiny_llama64
-    key = compute_key(model, tokenizer, FACT.prompt, FACT.subject, 1, TEMPLATES)
+    key = reference_key(model, tokenizer, FACT.prompt, FACT.subject, 1, TEMPLATES)
     name = module_name(model, "rewrite", 1)
     manual = []
     for context in TEMPLATES:
@@ -106,9 +125,19 @@ FAMILIES = {  # tiny random models of every family in the architecture table
     "gpt2": dict(n_embd=32, n_layer=3, n_head=4, n_inner=80),
     "gptj": dict(n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_inner=80),
     "gpt_neox": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=80),
-    "llama": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80),
-    "gemma3_text": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=80, head_dim=8, sliding_window=64, layer_types=["sliding_attention"] * 2 + ["full_attention"]),
+    "llama": dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80
+    ),
+    "gemma3_text": dict(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=80,
+        head_dim=8,
+        sliding_window=64,
+        layer_types=["sliding_attention"] * 2 + ["full_attention"],
+    ),
 }
 
 
@@ -133,13 +162,17 @@ def test_fast_value_loss_and_gradient_equal_the_full_forward(tiny_llama, model_t
     v₀ and the known-answer prediction taken from the same δ = 0 run equal their standalone definitions."""
     model = _family_model(model_type, attn, tiny_llama[1])
     tokenizer = tiny_llama[1]
-    batch = build_value_batch(tokenizer, FACT.prompt, FACT.subject, FACT.target_new, TEMPLATES)
-    assert len(set(batch["subject_pos"].tolist())) > 1  # rows differ in where the subject ends
+    batch = value_batch(tokenizer, [FACT], TEMPLATES)
+    assert len(set(batch.subject_pos.tolist())) > 1  # rows differ in where the subject ends
     assert can_freeze(model, batch)
     delta = torch.randn(model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     prompt_ids = tokenizer(FACT.text)["input_ids"]
     with torch.no_grad():  # greedy tokens after the bare prompt, then after each target token but the last
-        prediction = model(torch.tensor([prompt_ids + batch["target_ids"][:-1].tolist()])).logits[0, len(prompt_ids) - 1:].argmax(-1)
+        prediction = (
+            model(torch.tensor([prompt_ids + batch.target_ids[0, :-1].tolist()]))
+            .logits[0, len(prompt_ids) - 1 :]
+            .argmax(-1)
+        )
     for layer in (0, 1):
         keys = subject_keys(model, tokenizer, [t.format(FACT.prompt) for t in TEMPLATES], FACT.subject, layer)
         results = []
@@ -147,15 +180,22 @@ def test_fast_value_loss_and_gradient_equal_the_full_forward(tiny_llama, model_t
             with frozen_context(model, layer, batch, pad=pad) if fast else contextlib.nullcontext() as live:
                 assert (live is not None) == fast  # this transformers version reuses frozen keys/values
                 if pad:  # bucketed sizes (so that a kept CUDA graph serves other facts), some of them padded here
-                    sizes = (live.inputs["attention_mask"].shape[-1] - live.inputs["input_ids"].shape[1],
-                             live.inputs["input_ids"].shape[1], len(live.target_ids))
+                    sizes = (
+                        live.inputs["attention_mask"].shape[-1] - live.inputs["input_ids"].shape[1],
+                        live.inputs["input_ids"].shape[1],
+                        live.target_ids.shape[-1],
+                    )
                     assert all(n % BUCKETS[k] == 0 for n, k in zip(sizes, ("frozen", "live", "target")))
-                    assert live.target_weight.tolist().count(0.0) > 0
-                module = ValueOptimizer(model, batch, layer, live=live, fast=fast)
+                    assert (live.target_weight == 0).any()
+                run = live.zero_run if fast else full_zero_run(model, batch, layer)
+                module = ValueObjective(model, batch, layer, run, live=live, fast=fast)
                 d = delta.clone().requires_grad_(True)
                 parts = module.losses(d)
                 parts["loss"].backward()
-            assert torch.allclose(module.template_keys, keys, atol=1e-12) and torch.equal(module.prompt_prediction, prediction)
+            predicted = unembed(model, run.final_hidden[0, batch.target_pos[0]]).argmax(-1)  # the known-answer check's
+            assert torch.allclose(template_keys(run.rewrite_input, batch)[0], keys, atol=1e-12) and torch.equal(
+                predicted, prediction
+            )
             results.append((parts, d.grad, module.initial_value))
         (slow, slow_grad, slow_v0), *others = results
         for fast, fast_grad, fast_v0 in others:
@@ -179,16 +219,19 @@ def test_fused_activations_change_no_loss_or_gradient(tiny_llama, model_type):
     assert torch.allclose(TanhGELU()(x), NewGELUActivation()(x), rtol=0, atol=1e-15)
     model, tokenizer = _family_model(model_type, "eager", tiny_llama[1]), tiny_llama[1]
     originals = [m for m in model.modules() if isinstance(m, NewGELUActivation)]
-    batch = build_value_batch(tokenizer, FACT.prompt, FACT.subject, FACT.target_new, TEMPLATES)
+    batch = value_batch(tokenizer, [FACT], TEMPLATES)
     delta = torch.randn(model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     results = []
     for fused in (False, True):
-        with fused_activations(model) if fused else contextlib.nullcontext() as replaced, frozen_context(model, 1, batch) as live:
+        with (
+            fused_activations(model) if fused else contextlib.nullcontext() as replaced,
+            frozen_context(model, 1, batch) as live,
+        ):
             if fused:
                 assert replaced == len(originals) == model.config.n_layer
                 assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
             d = delta.clone().requires_grad_(True)
-            parts = ValueOptimizer(model, batch, 1, live=live).losses(d)
+            parts = ValueObjective(model, batch, 1, live.zero_run, live=live).losses(d)
             parts["loss"].backward()
         results.append((parts["loss"], d.grad))
     assert torch.allclose(results[0][0], results[1][0], rtol=0, atol=1e-12)
@@ -209,13 +252,15 @@ def test_cuda_graph_steps_equal_eager_steps(tiny_llama, model_type):
     fits = []
     for graphed in (False, True):
         hparams = dict(v_num_grad_steps=8, loss_threshold=0.0, tf32=False, cuda_graph=graphed, clamp_norm_factor=0.5)
-        fits.append(compute_value(model, tokenizer, FACT, 1, TEMPLATES, hparams))
+        fits.append(fit_value(model, tokenizer, FACT, 1, TEMPLATES, hparams))
     eager, graphed = fits
-    assert graphed._eager_steps == GRAPH_WARMUP and len(graphed.history) == len(eager.history) == 8
-    for a, b in zip(eager.history, graphed.history):
+    assert graphed.stepper.eager_steps == GRAPH_WARMUP and len(graphed.histories[0]) == len(eager.histories[0]) == 8
+    for a, b in zip(eager.histories[0], graphed.histories[0]):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]) + 1e-5, (a, b)
     assert torch.allclose(eager.delta, graphed.delta, rtol=1e-4, atol=1e-5)
-    assert torch.isclose(graphed.delta.norm(), 0.5 * graphed.initial_value.norm(), rtol=1e-4)  # the clamp ran in the graph
+    assert torch.isclose(
+        graphed.delta.norm(), 0.5 * graphed.objective.initial_value.norm(), rtol=1e-4
+    )  # the clamp ran in the graph
     torch.cuda.synchronize()  # an illegal access inside a replay would surface here
 
 
@@ -225,21 +270,37 @@ def test_cuda_graph_fit_stops_after_the_step_the_eager_fit_stops_after(tiny_llam
     reaches the loss threshold still ends with the eager fit's δ and history (the extra step is undone)."""
     tokenizer = tiny_llama[1]
     model = _family_model("llama", "sdpa", tokenizer).float().cuda()
-    hparams = dict(v_num_grad_steps=12, loss_threshold=0.0, tf32=False, clamp_norm_factor=100.0, v_weight_decay=0.0, v_lr=0.1)
+    hparams = dict(
+        v_num_grad_steps=12, loss_threshold=0.0, tf32=False, clamp_norm_factor=100.0, v_weight_decay=0.0, v_lr=0.1
+    )
     # (on a random model the weight-decay term and the clamp pin the loss: without them it falls a little each step)
-    losses = [h["loss"] for h in compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": False}).history]
+    losses = [
+        h["loss"]
+        for h in fit_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": False}).histories[0]
+    ]
     stop = next(k for k in range(3, 11) if losses[k] < min(losses[:k]) - 5e-4)  # the first new low after replays start
     threshold = (losses[stop] + min(losses[:stop])) / 2
-    eager, graphed = (compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "loss_threshold": threshold, "cuda_graph": g})
-                      for g in (False, True))
-    assert graphed._eager_steps == GRAPH_WARMUP and len(eager.history) == len(graphed.history) == stop + 1
+    eager, graphed = (
+        fit_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "loss_threshold": threshold, "cuda_graph": g})
+        for g in (False, True)
+    )
+    assert (
+        graphed.stepper.eager_steps == GRAPH_WARMUP and len(eager.histories[0]) == len(graphed.histories[0]) == stop + 1
+    )
     assert torch.allclose(eager.delta, graphed.delta, rtol=1e-4, atol=1e-5)
 
 
-OTHER_FACT = Fact(subject="Colosseum", prompt="The {} is located in the city of", target_new="Athens", target_true="Rome")  # FACT's buckets
-SAME_SUBJECT_FACT = Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Athens", target_true="Paris")
-LONG_FACT = Fact(subject="International Business Machines Corporation headquarters", prompt="{} can be found in the city of",
-                 target_new="San Francisco Bay Area")  # other buckets
+OTHER_FACT = Fact(
+    subject="Colosseum", prompt="The {} is located in the city of", target_new="Athens", target_true="Rome"
+)  # FACT's buckets
+SAME_SUBJECT_FACT = Fact(
+    subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Athens", target_true="Paris"
+)
+LONG_FACT = Fact(
+    subject="International Business Machines Corporation headquarters",
+    prompt="{} can be found in the city of",
+    target_new="San Francisco Bay Area",
+)  # other buckets
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -247,23 +308,29 @@ LONG_FACT = Fact(subject="International Business Machines Corporation headquarte
 def test_kept_graph_replays_a_later_fit_of_another_fact_from_its_first_step(tiny_llama, model_type):
     """A graph captured for one fact serves the next fact of the same bucketed shapes: no eager
     step, no capture, and the eager fit's losses and δ; at most graph_cache graphs are kept."""
-    from factedit.rome.step_graph import graphs_of
+    from factedit.rome.fast.step_graph import graphs_of
 
     tokenizer = tiny_llama[1]
     model = _family_model(model_type, "sdpa", tokenizer).float().cuda()
     hparams = dict(v_num_grad_steps=8, loss_threshold=0.0, tf32=False, clamp_norm_factor=0.5, bf16=False, graph_cache=1)
-    first = compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
-    eager, graphed = (compute_value(model, tokenizer, OTHER_FACT, 1, TEMPLATES, {**hparams, "cuda_graph": g}) for g in (False, True))
-    assert first._eager_steps == GRAPH_WARMUP and graphed._eager_steps == 0  # the second graphed fit only replayed
-    assert len(graphed.history) == len(eager.history) == 8
-    for a, b in zip(eager.history, graphed.history):
+    first = fit_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
+    eager, graphed = (
+        fit_value(model, tokenizer, OTHER_FACT, 1, TEMPLATES, {**hparams, "cuda_graph": g}) for g in (False, True)
+    )
+    assert (
+        first.stepper.eager_steps == GRAPH_WARMUP and graphed.stepper.eager_steps == 0
+    )  # the second graphed fit only replayed
+    assert len(graphed.histories[0]) == len(eager.histories[0]) == 8
+    for a, b in zip(eager.histories[0], graphed.histories[0]):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]) + 1e-5, (a, b)
     assert torch.allclose(eager.delta, graphed.delta, rtol=1e-4, atol=1e-5) and graphed.delta.abs().max() > 0
     assert not torch.allclose(first.delta, graphed.delta, rtol=1e-2)  # its own fact's δ, not the first one's
     kept = graphs_of(model, 1)
-    long = compute_value(model, tokenizer, LONG_FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
-    again = compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
-    assert long._eager_steps == again._eager_steps == GRAPH_WARMUP and len(kept.graphs) == 1  # graph_cache=1: the LRU one went
+    long = fit_value(model, tokenizer, LONG_FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
+    again = fit_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
+    assert (
+        long.stepper.eager_steps == again.stepper.eager_steps == GRAPH_WARMUP and len(kept.graphs) == 1
+    )  # graph_cache=1: the LRU one went
     assert torch.allclose(again.delta, first.delta, rtol=1e-4, atol=1e-5)
     torch.cuda.synchronize()
 
@@ -279,14 +346,27 @@ def test_edit_sequence_with_kept_graphs_equals_the_eager_sequence():
     before = {name: p.clone() for name, p in model.named_parameters()}
     made = []
     for cuda_graph in (False, True):
-        hparams = {**HP, "v_num_grad_steps": 8, "loss_threshold": 0.0, "tf32": False, "bf16": False, "cuda_graph": cuda_graph}
+        hparams = {
+            **HP,
+            "v_num_grad_steps": 8,
+            "loss_threshold": 0.0,
+            "tf32": False,
+            "bf16": False,
+            "cuda_graph": cuda_graph,
+        }
         edits = edit(model, tokenizer, [FACT, SAME_SUBJECT_FACT], stats={1: second_moment}, hparams=hparams)
         made.append(edits)
         revert_edits(model, edits.backup)
         assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     (eager_first, eager_second), (graphed_first, graphed_second) = made
-    for a, b in ((eager_first, graphed_first), (eager_second, graphed_second)):  # padded (graphed) vs unpadded: rounding
-        assert torch.allclose(a.target_value, b.target_value, rtol=1e-3, atol=1e-3 * a.target_value.abs().max()), (a.info, b.info)
+    for a, b in (
+        (eager_first, graphed_first),
+        (eager_second, graphed_second),
+    ):  # padded (graphed) vs unpadded: rounding
+        assert torch.allclose(a.target_value, b.target_value, rtol=1e-3, atol=1e-3 * a.target_value.abs().max()), (
+            a.info,
+            b.info,
+        )
     assert not torch.allclose(graphed_first.target_value, graphed_second.target_value, rtol=0.1)
     assert graphed_second.info["bf16"] is False and eager_second.info["cuda_graph"] is None
     assert (graphed_first.info["cuda_graph"], graphed_second.info["cuda_graph"]) == ("captured", "kept")
@@ -302,23 +382,30 @@ def test_kept_graph_reads_weights_changed_since_its_capture(tiny_llama, bf16):
     tokenizer = tiny_llama[1]
     model = _family_model("llama", "sdpa", tokenizer).float().cuda()
     hparams = dict(v_num_grad_steps=6, loss_threshold=0.0, tf32=False, bf16=bf16, graph_cache=8)
-    first = compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
-    with torch.no_grad():  # the rewritten matrix, and the unembedding (a random tiny model's loss barely feels the former)
+    first = fit_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
+    with (
+        torch.no_grad()
+    ):  # the rewritten matrix, and the unembedding (a random tiny model's loss barely feels the former)
         weight = model.model.layers[1].mlp.down_proj.weight
         weight.add_(torch.randn_like(weight) * weight.std() * 2)
         model.lm_head.weight.mul_(3.0)
-    kept = compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
-    eager = compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": False})
-    assert (first.graph_use, kept.graph_use, eager.graph_use) == ("captured", "kept", None)
+    kept = fit_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": True})
+    eager = fit_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "cuda_graph": False})
+    assert (first.stepper.graph_use, kept.stepper.graph_use, eager.stepper.graph_use) == ("captured", "kept", None)
     tolerance = 3e-2 if bf16 else 1e-4
-    assert abs(kept.history[0]["kl"]) < tolerance and abs(first.history[0]["loss"] - kept.history[0]["loss"]) > 0.1
-    for a, b in zip(eager.history, kept.history, strict=True):
+    assert (
+        abs(kept.histories[0][0]["kl"]) < tolerance
+        and abs(first.histories[0][0]["loss"] - kept.histories[0][0]["loss"]) > 0.1
+    )
+    for a, b in zip(eager.histories[0], kept.histories[0], strict=True):
         assert abs(a["loss"] - b["loss"]) <= tolerance * abs(a["loss"]) + 1e-4, (a, b)
     torch.cuda.synchronize()
 
 
-NATIVE_BF16 = [pytest.param("cpu", marks=pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="no AVX512-BF16/AMX")),
-               pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+NATIVE_BF16 = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="no AVX512-BF16/AMX")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+]
 
 
 @pytest.mark.parametrize("device", NATIVE_BF16)
@@ -329,12 +416,16 @@ def test_bf16_value_fit_follows_the_float32_fit(tiny_llama, device):
     tokenizer = tiny_llama[1]
     model = _family_model("llama", "sdpa", tokenizer).float().to(device)
     before = {name: p.clone() for name, p in model.named_parameters()}
-    fits = [compute_value(model, tokenizer, FACT, 1, TEMPLATES, dict(v_num_grad_steps=8, loss_threshold=0.0, tf32=False, bf16=bf16))
-            for bf16 in (False, True)]
-    full, half = ([h["loss"] for h in fit.history] for fit in fits)
+    fits = [
+        fit_value(
+            model, tokenizer, FACT, 1, TEMPLATES, dict(v_num_grad_steps=8, loss_threshold=0.0, tf32=False, bf16=bf16)
+        )
+        for bf16 in (False, True)
+    ]
+    full, half = ([h["loss"] for h in fit.histories[0]] for fit in fits)
     assert all(abs(a - b) <= 0.03 * abs(a) + 1e-3 for a, b in zip(full, half)), (full, half)
-    assert full[0] != full[-1] and torch.nn.functional.cosine_similarity(fits[0].delta, fits[1].delta, dim=0) > 0.95
-    assert fits[1].delta.dtype == torch.float32 and fits[1].initial_value.dtype == torch.float32
+    assert full[0] != full[-1] and torch.nn.functional.cosine_similarity(fits[0].delta, fits[1].delta, dim=-1) > 0.95
+    assert fits[1].delta.dtype == torch.float32 and fits[1].objective.initial_value.dtype == torch.float32
     assert all(p.dtype == torch.float32 and torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
@@ -351,14 +442,18 @@ def test_bf16_casts_made_once_change_no_bit(tiny_llama, model_type):
     for name, parameter in model.named_parameters():  # biases start at zero, where any cast is exact
         if name.endswith("bias"):
             parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-    batch = build_value_batch(tokenizer, FACT.prompt, FACT.subject, FACT.target_new, TEMPLATES)
+    batch = value_batch(tokenizer, [FACT], TEMPLATES)
     delta = torch.randn(model.config.hidden_size, generator=generator)
-    math_attention = torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH])  # what bf16_fit picks on a CPU
+    math_attention = torch.nn.attention.sdpa_kernel(
+        [torch.nn.attention.SDPBackend.MATH]
+    )  # what bf16_fit picks on a CPU
     results = []
     with frozen_context(model, 1, batch, bf16=True) as live:
-        module = ValueOptimizer(model, batch, 1, live=live, bf16=True)
+        module = ValueObjective(model, batch, 1, live.zero_run, live=live)
         cached = live.cache.keys + live.cache.values
-        assert any(c.dtype == torch.bfloat16 for c in cached)  # what the attention made (Llama-style keys: float32, rotated)
+        assert any(
+            c.dtype == torch.bfloat16 for c in cached
+        )  # what the attention made (Llama-style keys: float32, rotated)
         assert live.inputs["attention_mask"].dtype == torch.bfloat16 and live.inputs["attention_mask"].isinf().any()
         for once in (True, False):
             if not once:
@@ -374,16 +469,17 @@ def test_bf16_casts_made_once_change_no_bit(tiny_llama, model_type):
             results.append((parts, d.grad))
     (once, once_grad), (every, every_grad) = results
     assert all(torch.equal(once[k], every[k]) for k in once) and torch.equal(once_grad, every_grad)
-    assert once_grad.abs().max() > 0 and all(p.dtype == torch.float32 for p in model.parameters())  # biases put back too
+    assert once_grad.abs().max() > 0 and all(
+        p.dtype == torch.float32 for p in model.parameters()
+    )  # biases put back too
 
 
 def test_bf16_fit_swaps_the_reached_matrices_and_puts_the_originals_back(tiny_llama):
     model = tiny_llama[0]
-    originals = {name: p for name, p in model.named_parameters()}
-    with pytest.raises(RuntimeError, match="inside"):
-        with bf16_fit(model, first_layer=1):
-            inside = dict(model.named_parameters())
-            raise RuntimeError("inside")
+    originals = dict(model.named_parameters())
+    with pytest.raises(RuntimeError, match="inside"), bf16_fit(model, first_layer=1):
+        inside = dict(model.named_parameters())
+        raise RuntimeError("inside")
     low = {name for name, p in inside.items() if p.dtype == torch.bfloat16}
     assert "model.layers.1.mlp.down_proj.weight" in low and "model.layers.1.self_attn.q_proj.weight" in low
     assert "model.layers.0.mlp.down_proj.weight" not in low and "model.layers.1.input_layernorm.weight" not in low
@@ -403,12 +499,16 @@ def test_kept_bf16_copies_are_the_same_tensors_fit_after_fit_and_follow_in_place
     with bf16_fit(model, 1, kept=kept):
         second = model.model.layers[1].mlp.down_proj.weight
     assert second is first and second.dtype == torch.bfloat16 and torch.equal(second, weight.to(torch.bfloat16))
-    assert model.model.layers[1].mlp.down_proj.weight is weight and len(kept) == 3 * 7 + 1  # layers 1-3: 7 matrices each; lm_head
+    assert (
+        model.model.layers[1].mlp.down_proj.weight is weight and len(kept) == 3 * 7 + 1
+    )  # layers 1-3: 7 matrices each; lm_head
 
 
 def test_bf16_setting_resolves_to_what_the_hardware_runs():
     cpu = torch.device("cpu")
-    assert resolve_bf16("auto", cpu) == resolve_bf16(True, cpu) == native_bf16(cpu) and resolve_bf16(False, cpu) is False
+    assert (
+        resolve_bf16("auto", cpu) == resolve_bf16(True, cpu) == native_bf16(cpu) and resolve_bf16(False, cpu) is False
+    )
     with pytest.raises(FacteditError, match="true, false or auto"):
         resolve_bf16("yes", cpu)
 
@@ -440,7 +540,9 @@ def test_edit_writes_target_value_in_either_weight_layout(name):
         edited_value = module(made.key[None])[0] - (0 if bias is None else bias)  # W' k̄ through the real module
     assert torch.allclose(edited_value, made.target_value, atol=1e-9)
     templates = context_templates(model, tokenizer, HP["context_templates"], seed=0)
-    assert torch.allclose(made.key, compute_key(model, tokenizer, FACT.prompt, FACT.subject, 1, templates), atol=1e-12)
+    assert torch.allclose(
+        made.key, reference_key(model, tokenizer, FACT.prompt, FACT.subject, 1, templates), atol=1e-12
+    )
     assert made.info["steps"] >= 1 and 0 < made.info["p_target"] <= 1
 
 
@@ -477,11 +579,14 @@ def test_saved_edits_round_trip_and_refuse_other_models(tiny_llama, tmp_path):
         load_edits(path)
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(prompt="Where is the tower?"), "exactly one '{}'"),
-    (dict(target_new=" "), "target_new must be a non-empty string"),
-    (dict(target_new="Paris"), "target_new equals target_true"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(prompt="Where is the tower?"), "exactly one '{}'"),
+        (dict(target_new=" "), "target_new must be a non-empty string"),
+        (dict(target_new="Paris"), "target_new equals target_true"),
+    ],
+)
 def test_bad_facts_are_one_line_errors(fields, message):
     with pytest.raises(FacteditError, match=message):
         Fact(**{**FACT.to_dict(), **fields})
@@ -498,13 +603,23 @@ def test_subject_missing_after_tokenization_is_an_error(smollm2):
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_target_the_model_already_gives_is_an_error(smollm2, fast):
+def test_target_the_model_already_gives_is_an_error(smollm2, fast, monkeypatch):
     """Refused from the v* fit's δ = 0 run (the frozen one, or the full forward), before any step."""
     model, tokenizer = smollm2
     before = rewrite_weight(model, 5).clone()
+
+    def no_step(*args):
+        raise AssertionError("a v* step ran")
+
+    monkeypatch.setattr(ValueOptimizer, "step", no_step)
     with pytest.raises(FacteditError, match="already answers 'Paris'"):
-        edit(model, tokenizer, Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Paris"),
-             stats={5: torch.eye(1536)}, hparams={"layer": 5, "fast": fast, "v_lr": float("nan")})  # a step would diverge
+        edit(
+            model,
+            tokenizer,
+            Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Paris"),
+            stats={5: torch.eye(1536)},
+            hparams={"layer": 5, "fast": fast},
+        )
     assert torch.equal(rewrite_weight(model, 5), before)
 
 
@@ -513,16 +628,20 @@ def test_stop_on_nll_bounds_the_target_nll_instead_of_the_whole_loss(tiny_llama)
     where ROME's rule (the whole loss, weight decay and KL included) keeps going."""
     model, tokenizer = tiny_llama
     hparams = dict(v_num_grad_steps=6, loss_threshold=0.0)
-    full = compute_value(model, tokenizer, FACT, 1, TEMPLATES, hparams).history
+    full = fit_value(model, tokenizer, FACT, 1, TEMPLATES, hparams).histories[0]
     nlls = [h["nll"] for h in full]
     stop = next(k for k in range(1, 6) if nlls[k] < min(nlls[:k]) - 1e-3)
     threshold = (nlls[stop] + min(nlls[:stop])) / 2
     assert all(h["loss"] >= threshold for h in full)
-    by_nll, by_loss = (compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "loss_threshold": threshold, "stop_on": on}).history
-                       for on in ("nll", "loss"))
-    assert by_nll == full[:stop + 1] and by_loss == full
-    with pytest.raises(FacteditError, match="stop_on='kl': loss_threshold bounds"):
-        compute_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "stop_on": "kl"})
+    by_nll, by_loss = (
+        fit_value(
+            model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "loss_threshold": threshold, "stop_on": on}
+        ).histories[0]
+        for on in ("nll", "loss")
+    )
+    assert by_nll == full[: stop + 1] and by_loss == full
+    with pytest.raises(FacteditError, match="editor.stop_on='kl': use one of nll, loss"):
+        fit_value(model, tokenizer, FACT, 1, TEMPLATES, {**hparams, "stop_on": "kl"})
 
 
 @pytest.mark.parametrize("update", ["fixed", "two_keys"])
@@ -549,7 +668,7 @@ def test_bare_prompt_key_gets_the_whole_shift_only_with_two_keys(tiny_llama, upd
 def test_unknown_update_or_precision_is_a_one_line_error_and_leaves_the_weights(tiny_llama):
     model, tokenizer = tiny_llama
     before = rewrite_weight(model, 1).clone()
-    with pytest.raises(FacteditError, match="editor.update must be one of fixed, original, two_keys, not 'rank2'"):
+    with pytest.raises(FacteditError, match="editor.update='rank2': use one of fixed, original, two_keys"):
         edit(model, tokenizer, FACT, stats=_stats_for(model), hparams={**HP, "update": "rank2"})
     with pytest.raises(FacteditError, match="editor.bf16='half': use true, false or auto"):
         edit(model, tokenizer, FACT, stats=_stats_for(model), hparams={**HP, "bf16": "half"})

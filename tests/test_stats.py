@@ -1,5 +1,6 @@
 """Key statistics C = E[k kᵀ]: the metric, the Lightning pass against a float64 reference, files,
 load_second_moment's checks, resuming after kill -9, and DDP on two CPU processes."""
+
 import inspect
 import os
 import signal
@@ -35,7 +36,7 @@ def tiny():
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The tiny model's ops are too small to share between threads; on a busy 2-core machine 2 threads are 20x slower."""
+    """Tiny models: ops too small to share between threads (on a busy 2-core machine 2 threads are 20x slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -85,7 +86,9 @@ def test_pass_matches_float64_reference_at_several_layers(tiny, tmp_path):
         assert paths[layer] == tmp_path / "tiny_llama" / module / "wiki_offline-3072.safetensors"
         tensors, metadata = read_safetensors(paths[layer])
         expected = reference_second_moment(model, tokenizer, layer, DATA)
-        torch.testing.assert_close(tensors["second_moment"].double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max())
+        torch.testing.assert_close(
+            tensors["second_moment"].double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max()
+        )
         assert int(tensors["count"]) == 3072 and tensors["second_moment"].shape == (128, 128)
         assert metadata["fingerprint"] == model_fingerprint(model) and metadata["module"] == module
         assert (metadata["tokens"], metadata["seq_len"], metadata["source"]) == ("3072", "32", "wiki_offline")
@@ -108,13 +111,28 @@ class Interrupt(lightning.Callback):
 
 def test_layers_interrupted_at_different_rows_resume_together(tiny, tmp_path):
     model, tokenizer = tiny
-    complete = compute_second_moment(model, tokenizer, [1, 2], trainer_kwargs=TRAINER, stats_dir=tmp_path / "complete", **DATA)
+    complete = compute_second_moment(
+        model, tokenizer, [1, 2], trainer_kwargs=TRAINER, stats_dir=tmp_path / "complete", **DATA
+    )
     for layer, batches in ((1, 5), (2, 13)):
         with pytest.raises(RuntimeError, match="crash"):
-            compute_second_moment(model, tokenizer, [layer], trainer_kwargs={**TRAINER, "callbacks": [Interrupt(batches)]},
-                                  stats_dir=tmp_path, save_every=2, **DATA)
-    partials = {layer: read_safetensors(partial_path(stats_path(tmp_path, "tiny_llama", f"model.layers.{layer}.mlp.down_proj",
-                                                                "wiki_offline", 3072)))[1] for layer in (1, 2)}
+            compute_second_moment(
+                model,
+                tokenizer,
+                [layer],
+                trainer_kwargs={**TRAINER, "callbacks": [Interrupt(batches)]},
+                stats_dir=tmp_path,
+                save_every=2,
+                **DATA,
+            )
+    partials = {
+        layer: read_safetensors(
+            partial_path(
+                stats_path(tmp_path, "tiny_llama", f"model.layers.{layer}.mlp.down_proj", "wiki_offline", 3072)
+            )
+        )[1]
+        for layer in (1, 2)
+    }
     assert (partials[1]["rows_done"], partials[2]["rows_done"]) == ("16", "48")  # batches 4 and 12 of 4 rows
     resumed = compute_second_moment(model, tokenizer, [1, 2], trainer_kwargs=TRAINER, stats_dir=tmp_path, **DATA)
     for layer in (1, 2):
@@ -128,8 +146,15 @@ def test_layers_interrupted_at_different_rows_resume_together(tiny, tmp_path):
 def test_partial_file_of_other_settings_is_refused_and_kept(tiny, tmp_path):
     model, tokenizer = tiny
     with pytest.raises(RuntimeError, match="crash"):
-        compute_second_moment(model, tokenizer, [1], trainer_kwargs={**TRAINER, "callbacks": [Interrupt(3)]},
-                              stats_dir=tmp_path, save_every=2, **DATA)
+        compute_second_moment(
+            model,
+            tokenizer,
+            [1],
+            trainer_kwargs={**TRAINER, "callbacks": [Interrupt(3)]},
+            stats_dir=tmp_path,
+            save_every=2,
+            **DATA,
+        )
     partial = partial_path(stats_path(tmp_path, "tiny_llama", "model.layers.1.mlp.down_proj", "wiki_offline", 3072))
     saved = partial.read_bytes()
     with pytest.raises(FacteditError, match=r"accumulated with seed=0, this run has seed=1.*delete it to start over"):
@@ -142,22 +167,29 @@ def test_partial_file_of_other_settings_is_refused_and_kept(tiny, tmp_path):
 
 def test_existing_file_is_kept_and_the_largest_is_loaded(tiny, tmp_path):
     model, tokenizer = tiny
-    small = compute_second_moment(model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=tmp_path,
-                                  **{**DATA, "max_tokens": 1_024})[1]
+    small = compute_second_moment(
+        model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=tmp_path, **{**DATA, "max_tokens": 1_024}
+    )[1]
     large = compute_second_moment(model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=tmp_path, **DATA)[1]
     before = large.stat().st_mtime_ns
     assert compute_second_moment(model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=tmp_path, **DATA)[1] == large
     assert large.stat().st_mtime_ns == before  # not recomputed
     chosen = load_second_moment(model, 1, stats_dir=tmp_path)
     assert torch.equal(chosen, read_safetensors(large)[0]["second_moment"])
-    assert torch.equal(load_second_moment(model, 1, tokens=1_024, stats_dir=tmp_path), read_safetensors(small)[0]["second_moment"])
+    assert torch.equal(
+        load_second_moment(model, 1, tokens=1_024, stats_dir=tmp_path), read_safetensors(small)[0]["second_moment"]
+    )
     with pytest.raises(FacteditError, match=r"source=wikitext.*found only wiki_offline-1024.*data.source=wikitext"):
         load_second_moment(model, 1, source="wikitext", stats_dir=tmp_path)
 
 
 def test_load_refuses_missing_foreign_and_broken_files(tiny, tmp_path):
     model, tokenizer = tiny
-    with pytest.raises(FacteditError, match=r"^no key statistics for tiny_llama layer 2: run `python src/precompute_stats.py model=tiny_llama layers=\[2\]`$"):
+    with pytest.raises(
+        FacteditError,
+        match=r"^no key statistics for tiny_llama layer 2: "
+        r"run `python src/precompute_stats.py model=tiny_llama layers=\[2\]`$",
+    ):
         load_second_moment(model, 2, stats_dir=tmp_path)
     with pytest.raises(FacteditError, match="out of range"):
         load_second_moment(model, 9, stats_dir=tmp_path)
@@ -171,7 +203,9 @@ def test_load_refuses_missing_foreign_and_broken_files(tiny, tmp_path):
     saved = weight.detach().clone()
     try:
         weight.data.mul_(2)  # other weights, same name: the fingerprint tells
-        with pytest.raises(FacteditError, match=r"other weights.*model=tiny_llama layers=\[1\] data.max_tokens=3072 force=true`$"):
+        with pytest.raises(
+            FacteditError, match=r"other weights.*model=tiny_llama layers=\[1\] data.max_tokens=3072 force=true`$"
+        ):
             load_second_moment(model, 1, stats_dir=tmp_path)
         with pytest.raises(FacteditError, match="other weights"):  # and precompute does not silently keep it
             compute_second_moment(model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=tmp_path, **DATA)
@@ -187,17 +221,30 @@ def test_bad_input_to_compute(tiny, tmp_path):
     with pytest.raises(FacteditError, match="out of range"):
         compute_second_moment(model, tokenizer, [4], trainer_kwargs=TRAINER, stats_dir=tmp_path, **DATA)
     with pytest.raises(FacteditError, match="unknown source 'books'"):
-        compute_second_moment(model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=tmp_path, **{**DATA, "source": "books"})
+        compute_second_moment(
+            model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=tmp_path, **{**DATA, "source": "books"}
+        )
     assert not any(tmp_path.iterdir())
 
 
 def run_script(stats_dir, *overrides) -> subprocess.Popen:
     data = [f"data.{key}={value}" for key, value in RESUME_DATA.items()]
-    command = [sys.executable, str(REPO_ROOT / "src" / "precompute_stats.py"), "model=tiny_llama", "layers=[1]",
-               f"stats_dir={stats_dir}", "data.save_every=2", "+trainer.enable_progress_bar=false",
-               f"hydra.run.dir={stats_dir}/hydra", *data, *overrides]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "src" / "precompute_stats.py"),
+        "model=tiny_llama",
+        "layers=[1]",
+        f"stats_dir={stats_dir}",
+        "data.save_every=2",
+        "+trainer.enable_progress_bar=false",
+        f"hydra.run.dir={stats_dir}/hydra",
+        *data,
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +252,9 @@ def uninterrupted(tiny, tmp_path_factory):
     """C of the resume test's settings, computed in one uninterrupted in-process run."""
     model, tokenizer = tiny
     folder = tmp_path_factory.mktemp("uninterrupted")
-    path = compute_second_moment(model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=folder, save_every=0,
-                                 **{**DATA, **RESUME_DATA})[1]
+    path = compute_second_moment(
+        model, tokenizer, [1], trainer_kwargs=TRAINER, stats_dir=folder, save_every=0, **{**DATA, **RESUME_DATA}
+    )[1]
     return read_safetensors(path)[0]
 
 
@@ -240,6 +288,8 @@ def test_ddp_on_two_cpu_processes_gives_the_same_result(uninterrupted, tmp_path)
     process = run_script(tmp_path, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
     output, _ = process.communicate(timeout=150)
     assert process.returncode == 0, output
-    tensors = read_safetensors(stats_path(tmp_path, "tiny_llama", "model.layers.1.mlp.down_proj", "wiki_offline", RESUME_TOKENS))[0]
+    tensors = read_safetensors(
+        stats_path(tmp_path, "tiny_llama", "model.layers.1.mlp.down_proj", "wiki_offline", RESUME_TOKENS)
+    )[0]
     assert int(tensors["count"]) == int(uninterrupted["count"])
     torch.testing.assert_close(tensors["second_moment"], uninterrupted["second_moment"], rtol=1e-5, atol=1e-10)

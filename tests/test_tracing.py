@@ -1,5 +1,6 @@
 """Causal tracing: subject tokens, batched restorations against the one-cell-per-forward loop, the
 aggregate, the figures and the entry point."""
+
 import json
 import subprocess
 import sys
@@ -12,13 +13,23 @@ from factedit import FacteditError, load_model
 from factedit.architectures import module_name, num_layers
 from factedit.hooks import Trace
 from factedit.paths import REPO_ROOT
-from factedit.tracing.aggregate import average_effects, bucket_tokens, trace_facts
-from factedit.tracing.causal_trace import (KINDS, clean_run, corrupted_run, corrupted_subject_embeddings,
-                                           embedding_std, encode_prompt, grid_cells, restored_grid,
-                                           restored_probability_loop, trace_fact, window_layers)
-from factedit.tracing.plots import plot_effect_heatmaps, plot_effect_lines
-from factedit.tracing.run import run
 from factedit.tokens import fill_prompt, special_prefix, subject_token_range
+from factedit.tracing.aggregate import average_effects, bucket_tokens, trace_facts
+from factedit.tracing.causal_trace import (
+    KINDS,
+    clean_run,
+    corrupted_run,
+    corrupted_subject_embeddings,
+    embedding_std,
+    encode_prompt,
+    grid_cells,
+    reference_restored_probability,
+    restored_grid,
+    trace_fact,
+    window_layers,
+)
+from factedit.tracing.command import run
+from factedit.tracing.plots import plot_effect_heatmaps, plot_effect_lines
 
 EIFFEL = ("{} is located in the city of", "Eiffel Tower", "Paris")
 
@@ -33,6 +44,7 @@ def one_thread():
 
 
 # ---------------------------------------------------------------- subject tokens
+
 
 def test_subject_token_range_finds_the_subject_tokens(tiny_llama):
     _, tokenizer = tiny_llama
@@ -63,28 +75,33 @@ def test_subject_not_in_prompt_is_a_clear_error(tiny_llama):
 
 # ---------------------------------------------------------------- batched restorations are the loop's numbers
 
+
 def _loop_grid(model, prompt, embeds, kind, window, target_id):
     n_tokens, n_layers = prompt.input_ids.shape[1], num_layers(model)
     cells = grid_cells(kind, n_tokens, n_layers, window)
-    scores = [restored_probability_loop(model, prompt, embeds, kind, cell, target_id) for cell in cells]
+    scores = [reference_restored_probability(model, prompt, embeds, kind, cell, target_id) for cell in cells]
     return torch.tensor(scores, dtype=torch.float64).view(n_tokens, n_layers)
 
 
-@pytest.mark.parametrize("name, corruption, kinds", [("tiny_llama", "noise", KINDS), ("tiny_gpt2", "noise", KINDS),
-                                                     ("tiny_llama", "replace", ["mlp"])])
+@pytest.mark.parametrize(
+    "name, corruption, kinds",
+    [("tiny_llama", "noise", KINDS), ("tiny_gpt2", "noise", KINDS), ("tiny_llama", "replace", ["mlp"])],
+)
 def test_batched_restorations_equal_the_one_cell_loop_in_float64(name, corruption, kinds):
     model, tokenizer = load_model(name, dtype=torch.float64)
     prompt = encode_prompt(tokenizer, "The {} is in", *EIFFEL[1:])  # a token before the subject
     clean = clean_run(model, prompt)
     assert clean.calls.can_skip_prefix  # the prefix shortcut is exercised
-    embeds = corrupted_subject_embeddings(model, prompt, 3, corruption, noise_std=2.0,
-                                          replacement_ids=torch.arange(1000, 2000), seed=1)
+    embeds = corrupted_subject_embeddings(
+        model, prompt, 3, corruption, noise_std=2.0, replacement_ids=torch.arange(1000, 2000), seed=1
+    )
     corrupted = corrupted_run(model, prompt, embeds, clean.calls)
     for kind in kinds:
         expected = _loop_grid(model, prompt, embeds, kind, 3, prompt.target_id)
         for shortcuts in (True, False):
-            got = restored_grid(model, clean, corrupted, kind, prompt, prompt.target_id, window=3, batch_size=16,
-                                shortcuts=shortcuts)
+            got = restored_grid(
+                model, clean, corrupted, kind, prompt, prompt.target_id, window=3, batch_size=16, shortcuts=shortcuts
+            )
             assert torch.allclose(got, expected, rtol=1e-11, atol=0), (kind, shortcuts)
         assert expected.std() > 0  # restorations change the score: the comparison is not trivial
 
@@ -109,6 +126,7 @@ def test_corruption_is_seeded_and_scaled(tiny_llama):
 
 # ---------------------------------------------------------------- bad input
 
+
 def test_bad_settings_are_clear_errors(tiny_llama):
     model, tokenizer = tiny_llama
     with pytest.raises(FacteditError, match="window=5 does not fit"):
@@ -132,10 +150,16 @@ def test_unknown_fact_stops_unless_forced(tiny_llama, caplog):
 
 # ---------------------------------------------------------------- aggregate
 
+
 def test_token_buckets():
     assert bucket_tokens((1, 4), 8) == {
-        "first subject token": [1], "middle subject tokens": [2], "last subject token": [3],
-        "first subsequent token": [4], "further tokens": [5, 6], "last token": [7]}
+        "first subject token": [1],
+        "middle subject tokens": [2],
+        "last subject token": [3],
+        "first subsequent token": [4],
+        "further tokens": [5, 6],
+        "last token": [7],
+    }
     one = bucket_tokens((0, 1), 2)  # a one-token subject followed by the last token only
     assert one["first subject token"] == one["last subject token"] == [0]
     assert one["first subsequent token"] == [] and one["further tokens"] == [] and one["last token"] == [1]
@@ -143,9 +167,20 @@ def test_token_buckets():
 
 def test_average_effects_averages_buckets_then_facts(tmp_path):
     def fake(scores, corrupted, clean, subject_range):
-        return {"scores": {"mlp": scores}, "corrupted_prob": corrupted, "clean_prob": clean, "window": 1,
-                "samples": 1, "noise": 3.0, "noise_std": 0.3, "corruption": "noise", "subject_range": subject_range,
-                "subject": "s", "text": "t", "target": " x"}
+        return {
+            "scores": {"mlp": scores},
+            "corrupted_prob": corrupted,
+            "clean_prob": clean,
+            "window": 1,
+            "samples": 1,
+            "noise": 3.0,
+            "noise_std": 0.3,
+            "corruption": "noise",
+            "subject_range": subject_range,
+            "subject": "s",
+            "text": "t",
+            "target": " x",
+        }
 
     a = fake([[0.1, 0.1], [0.5, 0.9], [0.2, 0.3]], 0.1, 0.8, (0, 2))  # last subject token = 1
     b = fake([[0.3, 0.6], [0.2, 0.2], [0.2, 0.2]], 0.2, 0.6, (0, 1))  # last subject token = 0
@@ -161,11 +196,18 @@ def test_average_effects_averages_buckets_then_facts(tmp_path):
 
 def test_predict_traces_each_fact_once_and_reads_it_back(tiny_llama, tmp_path):
     model, tokenizer = tiny_llama
-    facts = [{"case_id": 7, "subject": "Eiffel Tower", "prompt": "{} is located in", "target_true": "Paris"},
-             {"case_id": 9, "subject": "Toko Yasuda", "prompt": "{}, the", "target_true": "guitar"}]
+    facts = [
+        {"case_id": 7, "subject": "Eiffel Tower", "prompt": "{} is located in", "target_true": "Paris"},
+        {"case_id": 9, "subject": "Toko Yasuda", "prompt": "{}, the", "target_true": "guitar"},
+    ]
     settings = {"samples": 2, "window": 2, "kinds": ["hidden", "mlp"], "noise": 3.0, "embed_std": 0.1}
-    trainer = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
-               "enable_model_summary": False}
+    trainer = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
     results = trace_facts(model, tokenizer, facts, settings, tmp_path, {"run": 1}, trainer)
     assert [r["case_id"] for r in results] == [7, 9] and (tmp_path / "facts" / "9.json").is_file()
     (tmp_path / "facts" / "9.json").write_text(json.dumps({**results[1], "clean_prob": -1.0}))
@@ -177,14 +219,28 @@ def test_predict_traces_each_fact_once_and_reads_it_back(tiny_llama, tmp_path):
 
 def test_two_processes_split_the_facts_and_give_the_numbers_of_one(tiny_llama, tmp_path):
     model, tokenizer = tiny_llama
-    facts = [{"case_id": i, "subject": s, "prompt": p, "target_true": t} for i, (s, p, t) in enumerate([
-        ("Eiffel Tower", "{} is located in", "Paris"), ("Toko Yasuda", "{}, the", "guitar"),
-        ("Danielle Darrieux", "The mother tongue of {} is", "French")])]
+    facts = [
+        {"case_id": i, "subject": s, "prompt": p, "target_true": t}
+        for i, (s, p, t) in enumerate(
+            [
+                ("Eiffel Tower", "{} is located in", "Paris"),
+                ("Toko Yasuda", "{}, the", "guitar"),
+                ("Danielle Darrieux", "The mother tongue of {} is", "French"),
+            ]
+        )
+    ]
     settings = {"samples": 2, "window": 2, "kinds": ["hidden", "mlp"], "noise": 3.0, "embed_std": 0.1}
     trainer = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}
     one = trace_facts(model, tokenizer, facts, settings, tmp_path / "one", {"run": 1}, {**trainer, "devices": 1})
-    two = trace_facts(model, tokenizer, facts, settings, tmp_path / "two", {"run": 1},
-                      {**trainer, "devices": 2, "strategy": "ddp_spawn"})
+    two = trace_facts(
+        model,
+        tokenizer,
+        facts,
+        settings,
+        tmp_path / "two",
+        {"run": 1},
+        {**trainer, "devices": 2, "strategy": "ddp_spawn"},
+    )
     assert [r["case_id"] for r in two] == [0, 1, 2]
     assert {r["rank"] for r in two} == {0, 1}  # each process traced some of the facts
     for a, b in zip(one, two):
@@ -194,6 +250,7 @@ def test_two_processes_split_the_facts_and_give_the_numbers_of_one(tiny_llama, t
 
 
 # ---------------------------------------------------------------- the real model
+
 
 def test_smollm2_traces_the_eiffel_tower_and_full_restoration_is_clean(smollm2):
     model, tokenizer = smollm2
@@ -231,17 +288,27 @@ def test_smollm2_traces_the_eiffel_tower_and_full_restoration_is_clean(smollm2):
     assert grid[last, -1] == pytest.approx(clean_prob, abs=1e-6)  # the last layer's output at the last token
     for token, layer in checked:  # against the one-cell loop, in float32
         cell = grid_cells("hidden", last + 1, n_layers, 1)[token * n_layers + layer]
-        loop = restored_probability_loop(model, prompt, embeds, "hidden", cell, prompt.target_id)
+        loop = reference_restored_probability(model, prompt, embeds, "hidden", cell, prompt.target_id)
         assert grid[token, layer] == pytest.approx(loop, abs=2e-5)
     assert grid[iffel, :10].mean() > 5 * float(corrupted.probs[:, prompt.target_id].mean())  # "iffel" carries the fact
 
 
 # ---------------------------------------------------------------- the entry point
 
+
 def test_cli_writes_heatmaps_and_json(tmp_path):
-    command = [sys.executable, str(REPO_ROOT / "src" / "trace.py"), "model=tiny_llama", "fact=eiffel_rome",
-               "force=true", "samples=2", "window=2", "threads=1", f"out_dir={tmp_path}/out",
-               f"hydra.run.dir={tmp_path}/hydra"]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "src" / "trace.py"),
+        "model=tiny_llama",
+        "fact=eiffel_rome",
+        "force=true",
+        "samples=2",
+        "window=2",
+        "threads=1",
+        f"out_dir={tmp_path}/out",
+        f"hydra.run.dir={tmp_path}/hydra",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "trace.json").read_text())
@@ -261,8 +328,9 @@ def _config(*overrides):
 
 def test_config_unknown_fact_stops_suggesting_force_and_bad_input_is_an_error():
     with pytest.raises(FacteditError, match="does not know this fact.*force=true"):
-        run(_config("fact.subject='Mount Fuji'", "fact.prompt='{} is located in'", "fact.target_true=Japan",
-                    "window=2"))
+        run(
+            _config("fact.subject='Mount Fuji'", "fact.prompt='{} is located in'", "fact.target_true=Japan", "window=2")
+        )
     with pytest.raises(FacteditError, match="window=40 does not fit"):
         run(_config("window=40", "force=true"))
     with pytest.raises(FacteditError, match="fact.subject is not set"):

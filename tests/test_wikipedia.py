@@ -1,4 +1,5 @@
 """WikipediaDataModule: sources, EOS-joined packing without padding, seeds, rank sharding, bad input."""
+
 import pytest
 import torch
 
@@ -17,7 +18,9 @@ def test_offline_and_wikitext_sources_give_shuffled_articles():
     offline = documents_of("wiki_offline", seed=0)
     assert len(offline) > 9_000 and all(doc.strip() for doc in offline)
     assert offline == documents_of("wiki_offline", seed=0)
-    assert offline != documents_of("wiki_offline", seed=1) and sorted(offline) == sorted(documents_of("wiki_offline", seed=1))
+    assert offline != documents_of("wiki_offline", seed=1) and sorted(offline) == sorted(
+        documents_of("wiki_offline", seed=1)
+    )
     wikitext = documents_of("wikitext", seed=0)
     assert len(wikitext) > 50
     assert any(doc.startswith("Robert Boulter\n") for doc in wikitext)
@@ -27,7 +30,9 @@ def test_offline_and_wikitext_sources_give_shuffled_articles():
 def test_rows_are_the_eos_joined_token_stream_cut_without_padding(tokenizer):
     documents = ["The Eiffel Tower is in Paris.", "Rome is the capital of Italy.", "Short."] * 5
     stream = [t for ids in token_chunks(tokenizer, documents, docs_per_call=2) for t in ids]
-    expected = [t for doc in documents for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    expected = [
+        t for doc in documents for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ]
     assert stream == expected
     rows = list(pack_rows(token_chunks(tokenizer, documents), seq_len=7))
     assert len(rows) == len(expected) // 7 and all(row.shape == (7,) for row in rows)
@@ -86,4 +91,4 @@ def test_bad_input_is_one_clear_error(tokenizer, monkeypatch):
         WikipediaDataModule(tokenizer, "wikipedia", max_tokens=None)
     monkeypatch.setitem(wikipedia.SOURCES, "wiki_offline", lambda seed: ["", "  "])
     with pytest.raises(FacteditError, match="fewer than one row"):
-        WikipediaDataModule(tokenizer, "wiki_offline", seq_len=64).num_rows
+        _ = WikipediaDataModule(tokenizer, "wiki_offline", seq_len=64).num_rows

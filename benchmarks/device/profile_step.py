@@ -6,6 +6,7 @@ Times (synchronized, median of 10): the eager loss forward, forward + backward, 
 (forward, backward, Adam, clamp), the same step replayed from a CUDA graph; then a whole
 Trainer.fit with graphs, step by step; then the profiler's top CUDA kernels of one eager step.
 """
+
 import argparse
 import statistics
 import sys
@@ -17,10 +18,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_edit import FACTS, SHAPES, load  # noqa: E402
 
-from factedit.rome.compute_value import ValueOptimizer, build_value_batch, compute_value, matmul_precision  # noqa: E402
+from factedit.rome import resolve_hparams  # noqa: E402
+from factedit.rome.compute_value import ValueOptimizer, compute_value, value_optimizer  # noqa: E402
 from factedit.rome.context import context_templates  # noqa: E402
-from factedit.rome.frozen_prefix import can_freeze, frozen_context  # noqa: E402
-
+from factedit.rome.fast import value_engine  # noqa: E402
+from factedit.rome.fast.frozen_prefix import can_freeze  # noqa: E402
+from factedit.rome.value_batch import value_batch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 sync = torch.cuda.synchronize if CUDA else (lambda: None)
@@ -47,21 +50,25 @@ def main():
     model, tokenizer = load(args.shape, device, "smollm2_135m")
     fact = FACTS[0]
     templates = context_templates(model, tokenizer, [[5, 10], [10, 10]], seed=0)
-    batch = build_value_batch(tokenizer, fact.prompt, fact.subject, fact.target_new, templates, device)
-    print(f"{args.shape} layer {layer}: batch {tuple(batch['input_ids'].shape)}, can_freeze {can_freeze(model, batch)}", flush=True)
-    with frozen_context(model, layer, batch) as live, matmul_precision(model, True):
-        ids = live.inputs["input_ids"]
+    batch = value_batch(tokenizer, [fact], templates, device)
+    print(
+        f"{args.shape} layer {layer}: batch {tuple(batch.input_ids.shape)}, can_freeze {can_freeze(model, batch)}",
+        flush=True,
+    )
+    eager = resolve_hparams(overrides=dict(layer=layer, bf16=False, cuda_graph=False, tf32=True))
+    with value_engine(model, layer, batch, eager) as engine:
+        ids = engine.live.inputs["input_ids"]
         print(f"live input_ids {tuple(ids.shape)}, layers {model.config.num_hidden_layers - layer}", flush=True)
-        module = ValueOptimizer(model, batch, layer, live=live)
+        module = value_optimizer(engine)
         delta = module.delta
 
         def forward():
             with torch.no_grad():
-                module.losses(delta)
+                module.objective.losses(delta)
 
         def forward_backward():
             delta.grad = None
-            module.losses(delta)["loss"].backward()
+            module.objective.losses(delta)["loss"].sum().backward()
 
         optimizer = torch.optim.Adam([delta], lr=0.5, capturable=CUDA)
         print("eager forward      ", timed(forward), flush=True)
@@ -82,7 +89,9 @@ def main():
             print(f"capture             {1e3 * (time.perf_counter() - start):.1f} ms", flush=True)
             print("graph replay       ", timed(graph.replay), flush=True)
             del graph
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            ) as prof:
                 module.step(optimizer)
                 torch.cuda.synchronize()
             for key in ("device_time_total", "cuda_time_total"):  # the name changed across torch versions
@@ -93,19 +102,35 @@ def main():
                     print("profiler table:", error)
     for graphed in (False, True):
         stamps = []
-        hparams = dict(v_num_grad_steps=20, loss_threshold=0.0, tf32=True, cuda_graph=graphed)
+        hparams = resolve_hparams(
+            overrides=dict(
+                layer=layer,
+                v_num_grad_steps=20,
+                loss_threshold=0.0,
+                tf32=True,
+                cuda_graph=graphed,
+                bf16=False,
+                graph_cache=0,
+            )
+        )
         original = ValueOptimizer.training_step
 
         def stamped(self, *a):
-            stamps.append(time.perf_counter())
-            return original(self, *a)
+            stamps.append(time.perf_counter())  # noqa: B023 (called within this iteration)
+            return original(self, *a)  # noqa: B023
 
         ValueOptimizer.training_step = stamped
-        value = compute_value(model, tokenizer, fact, layer, templates, hparams)
+        start = time.perf_counter()
+        with value_engine(model, layer, batch, hparams) as engine:
+            prepared = time.perf_counter()
+            compute_value(engine, [fact])
         ValueOptimizer.training_step = original
         gaps = [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
-        print(f"fit graphs={graphed}: prepare {value.seconds['prepare']:.3f} s, fit {value.seconds['fit']:.3f} s, "
-              f"step gaps ms: {' '.join(f'{g:.1f}' for g in gaps)}", flush=True)
+        print(
+            f"fit graphs={graphed}: prepare {prepared - start:.3f} s, fit {time.perf_counter() - prepared:.3f} s, "
+            f"step gaps ms: {' '.join(f'{g:.1f}' for g in gaps)}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Every other file asks `architecture_of(model)` and formats a template with the layer index, so no
 code branches on the model family. To support a new family, add a row to `ARCHITECTURES`.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -34,25 +35,50 @@ class Architecture:
 
 
 _GPT2 = Architecture(
-    embed="transformer.wte", layers="transformer.h", layer="transformer.h.{}", mlp="transformer.h.{}.mlp",
-    rewrite="transformer.h.{}.mlp.c_proj", attn="transformer.h.{}.attn", attn_out="transformer.h.{}.attn.c_proj",
-    final_norm="transformer.ln_f", lm_head="lm_head", weight_layout="in_out",
+    embed="transformer.wte",
+    layers="transformer.h",
+    layer="transformer.h.{}",
+    mlp="transformer.h.{}.mlp",
+    rewrite="transformer.h.{}.mlp.c_proj",
+    attn="transformer.h.{}.attn",
+    attn_out="transformer.h.{}.attn.c_proj",
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    weight_layout="in_out",
 )
 _GPTJ = Architecture(
-    embed="transformer.wte", layers="transformer.h", layer="transformer.h.{}", mlp="transformer.h.{}.mlp",
-    rewrite="transformer.h.{}.mlp.fc_out", attn="transformer.h.{}.attn", attn_out="transformer.h.{}.attn.out_proj",
-    final_norm="transformer.ln_f", lm_head="lm_head",
+    embed="transformer.wte",
+    layers="transformer.h",
+    layer="transformer.h.{}",
+    mlp="transformer.h.{}.mlp",
+    rewrite="transformer.h.{}.mlp.fc_out",
+    attn="transformer.h.{}.attn",
+    attn_out="transformer.h.{}.attn.out_proj",
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
 )
 _NEOX = Architecture(
-    embed="gpt_neox.embed_in", layers="gpt_neox.layers", layer="gpt_neox.layers.{}", mlp="gpt_neox.layers.{}.mlp",
-    rewrite="gpt_neox.layers.{}.mlp.dense_4h_to_h", attn="gpt_neox.layers.{}.attention",
-    attn_out="gpt_neox.layers.{}.attention.dense", final_norm="gpt_neox.final_layer_norm", lm_head="lm_head",
+    embed="gpt_neox.embed_in",
+    layers="gpt_neox.layers",
+    layer="gpt_neox.layers.{}",
+    mlp="gpt_neox.layers.{}.mlp",
+    rewrite="gpt_neox.layers.{}.mlp.dense_4h_to_h",
+    attn="gpt_neox.layers.{}.attention",
+    attn_out="gpt_neox.layers.{}.attention.dense",
+    final_norm="gpt_neox.final_layer_norm",
+    lm_head="lm_head",
 )
 # Llama, Mistral, Qwen2 and Gemma 3 (text) share the module names of LlamaForCausalLM.
 _LLAMA = Architecture(
-    embed="model.embed_tokens", layers="model.layers", layer="model.layers.{}", mlp="model.layers.{}.mlp",
-    rewrite="model.layers.{}.mlp.down_proj", attn="model.layers.{}.self_attn",
-    attn_out="model.layers.{}.self_attn.o_proj", final_norm="model.norm", lm_head="lm_head",
+    embed="model.embed_tokens",
+    layers="model.layers",
+    layer="model.layers.{}",
+    mlp="model.layers.{}.mlp",
+    rewrite="model.layers.{}.mlp.down_proj",
+    attn="model.layers.{}.self_attn",
+    attn_out="model.layers.{}.self_attn.o_proj",
+    final_norm="model.norm",
+    lm_head="lm_head",
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -91,7 +117,9 @@ def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise FacteditError(f"module {name!r} not found in {type(model).__name__}; fix its row in ARCHITECTURES") from None
+        raise FacteditError(
+            f"module {name!r} not found in {type(model).__name__}; fix its row in ARCHITECTURES"
+        ) from None
 
 
 def module_name(model: torch.nn.Module, role: str, layer: int | None = None) -> str:
@@ -103,6 +131,15 @@ def module_name(model: torch.nn.Module, role: str, layer: int | None = None) -> 
 def rewrite_weight(model: torch.nn.Module, layer: int) -> torch.Tensor:
     """W of the rewrite module as stored (its parameter, not a copy)."""
     return get_module(model, module_name(model, "rewrite", layer)).weight
+
+
+def unembed(model: torch.nn.Module, hidden: torch.Tensor, at_least_float32: bool = False) -> torch.Tensor:
+    """Logits (…, vocab) of final-norm outputs (…, d_model), soft-capped where the family does (Gemma)."""
+    logits = get_module(model, module_name(model, "lm_head"))(hidden)
+    if at_least_float32:
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def as_out_in(model: torch.nn.Module, matrix: torch.Tensor) -> torch.Tensor:

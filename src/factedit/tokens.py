@@ -1,4 +1,5 @@
 """Token positions of a subject inside a prompt, found by character offsets (robust to BPE merges)."""
+
 import torch
 
 from factedit.errors import FacteditError
@@ -27,7 +28,7 @@ def fill_subject(template: str, subject: str) -> tuple[str, int]:
     if template.count("{}") != 1:
         raise FacteditError(f"prompt {template!r} must contain exactly one '{{}}' where the subject goes")
     start = template.index("{}")
-    return template[:start] + subject + template[start + 2:], start
+    return template[:start] + subject + template[start + 2 :], start
 
 
 def fill_prompt(prompt: str, subject: str) -> str:
@@ -53,6 +54,14 @@ def subject_last_positions(tokenizer, templates: list[str], subject: str) -> lis
 def special_prefix(tokenizer) -> list[int]:
     """The token ids the tokenizer puts before every text (e.g. [BOS]; [] for GPT-2)."""
     return list(tokenizer("")["input_ids"])
+
+
+def target_token_ids(tokenizer, target: str) -> list[int]:
+    """The tokens of an object as it follows a prompt: " " + target, no special tokens."""
+    ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise FacteditError(f"target {target!r} tokenizes to nothing; give a non-empty object")
+    return ids
 
 
 def batch_encode(tokenizer, texts: list[str], device=None) -> dict[str, torch.Tensor]:

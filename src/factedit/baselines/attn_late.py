@@ -11,6 +11,8 @@ text (wiki_offline) and cached in the user cache (`second_moment: wikipedia`, th
 `second_moment: identity` uses C = I instead: u = k̄ and ΔW = Λ k̄ᵀ / (k̄ᵀk̄), the minimal-norm
 rank-one update, which does not spare other keys (on SmolLM2 it breaks every neighbourhood prompt).
 """
+
+import dataclasses
 import logging
 
 import torch
@@ -21,6 +23,7 @@ from factedit.hooks import run_until
 from factedit.io import read_safetensors, write_safetensors
 from factedit.models import model_fingerprint
 from factedit.paths import cache_dir
+from factedit.rome.hparams import RomeHparams
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +33,10 @@ def late_layer(model) -> int:
     return (4 * num_layers(model)) // 5
 
 
-def attn_late_hparams(model, rome_hparams: dict, layer: int | None = None) -> dict:
+def attn_late_hparams(model, rome_hparams: RomeHparams, layer: int | None = None) -> RomeHparams:
     """ROME's hyperparameters with the attention output projection of `layer` (default late_layer) as target."""
     layer = late_layer(model) if layer is None else check_layer(model, layer)
-    return {**rome_hparams, "layer": layer, "role": "attn_out"}
+    return dataclasses.replace(rome_hparams, layer=layer, role="attn_out")
 
 
 def identity_second_moment(model, layer: int) -> torch.Tensor:
@@ -43,8 +46,9 @@ def identity_second_moment(model, layer: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attention_second_moment(model, tokenizer, layer: int, tokens: int = 20_000, seq_len: int = 256,
-                            batch_size: int = 8) -> torch.Tensor:
+def attention_second_moment(
+    model, tokenizer, layer: int, tokens: int = 20_000, seq_len: int = 256, batch_size: int = 8
+) -> torch.Tensor:
     """C = E[k kᵀ] of the attention output projection's input over local Wikipedia text, (d_in, d_in) float32.
 
     Rows of `seq_len` tokens from wiki_offline (as the MLP statistics), forward stopped at the module;
@@ -60,7 +64,9 @@ def attention_second_moment(model, tokenizer, layer: int, tokens: int = 20_000, 
         except (FacteditError, KeyError):
             log.warning("recomputing unreadable %s", path)
     log.info("estimating C for %s over %d Wikipedia tokens (once; cached in %s)", name, tokens, path.parent)
-    rows = WikipediaDataModule(tokenizer, "wiki_offline", max_tokens=tokens, seq_len=seq_len, batch_size=batch_size).local_rows
+    rows = WikipediaDataModule(
+        tokenizer, "wiki_offline", max_tokens=tokens, seq_len=seq_len, batch_size=batch_size
+    ).local_rows
     device = next(model.parameters()).device
     total, count = None, 0
     for batch in rows.split(batch_size):
@@ -69,6 +75,9 @@ def attention_second_moment(model, tokenizer, layer: int, tokens: int = 20_000, 
         total = keys.T @ keys if total is None else total + keys.T @ keys
         count += len(keys)
     second_moment = (total / count).float().cpu()
-    write_safetensors(path, {"second_moment": second_moment, "count": torch.tensor(count)},
-                      {"module": name, "tokens": count, "source": "wiki_offline"})
+    write_safetensors(
+        path,
+        {"second_moment": second_moment, "count": torch.tensor(count)},
+        {"module": name, "tokens": count, "source": "wiki_offline"},
+    )
     return second_moment

@@ -11,6 +11,7 @@ Formats (see ../shared/data/SOURCES.md):
 A malformed record (a missing field, a target that is not a string, a subject absent from the
 edit prompt, a repeated case_id) is reported with its case_id and skipped; it never stops a run.
 """
+
 import json
 import logging
 import urllib.request
@@ -48,6 +49,8 @@ class Record:
     attribute_prompts: list[str] = field(default_factory=list)
     generation_prompts: list[str] = field(default_factory=list)
     neighborhood_target: str | None = None
+    portability_prompts: list[str] = field(default_factory=list)  # zsRE: questions the edit should answer too
+    portability_target: str | None = None
 
     def __post_init__(self):
         if self.neighborhood_target is None:
@@ -61,9 +64,15 @@ class Record:
     def to_fact(self):
         from factedit.rome.facts import Fact
 
-        return Fact(subject=self.subject, prompt=self.prompt, target_new=self.target_new, target_true=self.target_true,
-                    name=f"case{self.case_id}", generalization_probes=list(self.paraphrase_prompts),
-                    specificity_probes=list(self.neighborhood_prompts[:3]))
+        return Fact(
+            subject=self.subject,
+            prompt=self.prompt,
+            target_new=self.target_new,
+            target_true=self.target_true,
+            name=f"case{self.case_id}",
+            generalization_probes=list(self.paraphrase_prompts),
+            specificity_probes=list(self.neighborhood_prompts[:3]),
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +91,7 @@ class _Invalid(Exception):
 
 
 # ---------------------------------------------------------------- reading and validation
+
 
 def resolve_path(path) -> Path:
     """A local file, or `full` / an http(s) URL downloaded once into the user cache."""
@@ -148,10 +158,18 @@ def _from_original(item: dict, case_id: int) -> Record:
         where = "is absent from" if "{}" not in prompt else "occurs more than once in"
         raise _Invalid(f"the subject's '{{}}' {where} requested_rewrite.prompt {prompt!r}")
     relation = rewrite.get("relation_id") or NO_RELATION
-    return Record(case_id, subject, prompt, _object(rewrite, "target_new"), _object(rewrite, "target_true"),
-                  relation if isinstance(relation, str) else str(relation),
-                  _texts(item, "paraphrase_prompts"), _texts(item, "neighborhood_prompts"),
-                  _texts(item, "attribute_prompts", required=False), _texts(item, "generation_prompts", required=False))
+    return Record(
+        case_id,
+        subject,
+        prompt,
+        _object(rewrite, "target_new"),
+        _object(rewrite, "target_true"),
+        relation if isinstance(relation, str) else str(relation),
+        _texts(item, "paraphrase_prompts"),
+        _texts(item, "neighborhood_prompts"),
+        _texts(item, "attribute_prompts", required=False),
+        _texts(item, "generation_prompts", required=False),
+    )
 
 
 def _from_easyedit(item: dict, case_id: int) -> Record:
@@ -159,11 +177,20 @@ def _from_easyedit(item: dict, case_id: int) -> Record:
     start = text.rfind(subject)
     if start < 0:
         raise _Invalid(f"subject {subject!r} is absent from prompt {text!r}")
-    prompt = text[:start] + "{}" + text[start + len(subject):]
+    prompt = text[:start] + "{}" + text[start + len(subject) :]
     target_true = _text(item, "ground_truth").strip()
     locality = _text(item, "locality_ground_truth").strip() if "locality_ground_truth" in item else target_true
-    return Record(case_id, subject, prompt, _text(item, "target_new").strip(), target_true, NO_RELATION,
-                  [_text(item, "rephrase_prompt")], [_text(item, "locality_prompt")], neighborhood_target=locality)
+    return Record(
+        case_id,
+        subject,
+        prompt,
+        _text(item, "target_new").strip(),
+        target_true,
+        NO_RELATION,
+        [_text(item, "rephrase_prompt")],
+        [_text(item, "locality_prompt")],
+        neighborhood_target=locality,
+    )
 
 
 def parse_record(item) -> Record:
@@ -216,6 +243,7 @@ def relations_of(records: list[Record]) -> list[str]:
 
 
 # ---------------------------------------------------------------- the DataModule
+
 
 class CounterFactDataModule(lightning.LightningDataModule):
     """Records to evaluate, one per test batch; the Trainer's distributed sampler shards them.

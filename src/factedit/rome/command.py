@@ -1,4 +1,5 @@
 """`python src/edit.py`: edit facts, report probes before/after, save the edits (or resume/revert)."""
+
 import logging
 import time
 from pathlib import Path
@@ -6,14 +7,17 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from factedit import memit
 from factedit.errors import FacteditError
 from factedit.io import write_json
 from factedit.models import load_model, model_fingerprint
 from factedit.paths import CHECKPOINT_DIR
 from factedit.probes import next_token_logits, probe, probe_table
-from factedit.rome.edits import apply_edits, load_edits, revert_edits, save_edits
+from factedit.rome.edits import apply_edits, facts_of, load_edits, revert_edits, save_edits
 from factedit.rome.facts import fact_from_config, load_facts
+from factedit.rome.hparams import MemitHparams, RomeHparams, resolve_hparams
 from factedit.rome.rome import edit
+from factedit.stats import second_moment_for
 
 log = logging.getLogger("factedit.edit")
 
@@ -21,24 +25,14 @@ log = logging.getLogger("factedit.edit")
 def _probe_prompts(facts) -> tuple[list[str], list[str]]:
     prompts, kinds = [], []
     for fact in facts:
-        for kind, items in (("edit", [fact.text]), ("generalization", fact.generalization_probes),
-                            ("specificity", fact.specificity_probes)):
+        for kind, items in (
+            ("edit", [fact.text]),
+            ("generalization", fact.generalization_probes),
+            ("specificity", fact.specificity_probes),
+        ):
             prompts += list(items)
             kinds += [kind] * len(items)
     return prompts, kinds
-
-
-def _second_moment(cfg, model, tokenizer, layer: int) -> torch.Tensor:
-    from factedit.stats import compute_second_moment, load_second_moment
-
-    try:
-        return load_second_moment(model, layer, source=cfg.stats.source, tokens=cfg.stats.tokens, stats_dir=cfg.stats.dir)
-    except FacteditError:
-        if not cfg.stats.auto:
-            raise
-    log.info("no key statistics yet: computing %d tokens first (stats.auto=true)", cfg.stats.auto_tokens)
-    compute_second_moment(model, tokenizer, [layer], max_tokens=int(cfg.stats.auto_tokens), stats_dir=cfg.stats.dir)
-    return load_second_moment(model, layer, stats_dir=cfg.stats.dir)
 
 
 def _output_dir(cfg) -> Path:
@@ -50,14 +44,18 @@ def _output_dir(cfg) -> Path:
 
 def show_revert(cfg, model, tokenizer, prior) -> None:
     """Apply the saved edits, then revert them, and check the original logits come back bit for bit."""
-    facts = [fact_from_config(e.fact) for e in prior]
+    facts = [fact_from_config(fact) for fact in facts_of(prior)]
     prompts, kinds = _probe_prompts(facts)
-    base_logits, base = next_token_logits(model, tokenizer, prompts), probe(model, tokenizer, prompts, **cfg.probe)
+    base_logits = next_token_logits(model, tokenizer, prompts)
     backup = apply_edits(model, prior)
     edited = probe(model, tokenizer, prompts, **cfg.probe)
     revert_edits(model, backup)
     exact = torch.equal(base_logits, next_token_logits(model, tokenizer, prompts))
-    print(probe_table(edited, probe(model, tokenizer, prompts, **cfg.probe), kinds).replace("| before | after |", "| edited | reverted |"))
+    print(
+        probe_table(edited, probe(model, tokenizer, prompts, **cfg.probe), kinds).replace(
+            "| before | after |", "| edited | reverted |"
+        )
+    )
     print(f"reverted {len(prior)} edit(s): original logits restored {'exactly' if exact else 'NOT exactly'}")
     if not exact:
         raise FacteditError("revert did not restore the original weights exactly")
@@ -78,29 +76,54 @@ def run(cfg) -> Path | None:
         return None
     out = _output_dir(cfg)
     facts = load_facts(cfg.facts) if cfg.facts else [fact_from_config(cfg.fact)]
-    hparams = {**OmegaConf.to_container(cfg.editor), **OmegaConf.to_container(cfg.model.get("rome", {})), "seed": cfg.seed}
-    second_moment = _second_moment(cfg, model, tokenizer, int(hparams["layer"]))  # of the base weights, as ROME
-    backup = apply_edits(model, prior)
+    write = _writer(cfg, model, tokenizer)  # C of the base weights, as ROME and MEMIT
+    apply_edits(model, prior)
     prompts, kinds = _probe_prompts(facts)
     before = probe(model, tokenizer, prompts, **cfg.probe)
     start = time.perf_counter()
-    new = edit(model, tokenizer, facts, stats={int(hparams["layer"]): second_moment}, hparams=hparams,
-               trainer_kwargs={"enable_progress_bar": True})
+    new = write(facts)
     seconds = time.perf_counter() - start
     after = probe(model, tokenizer, prompts, **cfg.probe)
     table = probe_table(before, after, kinds)
     print(table)
-    for made, fact in zip(new, facts):
-        made.info["probes"] = [{"kind": k, "before": b, "after": a} for k, b, a in zip(kinds, before, after)
-                               if b["prompt"] in {fact.text, *fact.generalization_probes, *fact.specificity_probes}]
-    save_edits(out / "edits.safetensors", prior + list(new), base_fingerprint=base_fingerprint, model_name=str(cfg.model.name))
-    write_json(out / "probes.json", {"facts": [f.to_dict() for f in facts], "seconds": round(seconds, 2),
-                                     "probes": [{"kind": k, "before": b, "after": a} for k, b, a in zip(kinds, before, after)]})
+    probes = [{"kind": k, "before": b, "after": a} for k, b, a in zip(kinds, before, after)]
+    save_run(cfg, out, model, tokenizer, prior + list(new), facts, probes, table, base_fingerprint, seconds)
+    log.info("%d edit(s) in %.1fs; saved %s (%d edits in all)%s", len(new), seconds, out / "edits.safetensors",
+             len(prior) + len(new), "; full model in " + str(out / "model") if cfg.save_model else "")  # fmt: skip
+    return out
+
+
+def _writer(cfg, model, tokenizer):
+    """The configured editor as facts -> Edits (applied): ROME one fact after another, MEMIT in batches."""
+    options, trainer = (
+        {**OmegaConf.to_container(cfg.editor, resolve=True), "seed": cfg.seed},
+        {"enable_progress_bar": True},
+    )
+    name = cfg.editor.get("name")
+    if name not in ("rome", "memit"):
+        raise FacteditError(f"src/edit.py edits with editor=rome or editor=memit, not {name!r}")
+    kind = MemitHparams if name == "memit" else RomeHparams
+    hparams = resolve_hparams(model, options, model_rome=cfg.model.get(name), kind=kind)
+    log.info("%s options: %s", name.upper(), ", ".join(f"{k}={v}" for k, v in hparams.to_dict().items()))
+    layers = hparams.layers if name == "memit" else [hparams.layer]
+    stats = {layer: second_moment_for(model, tokenizer, layer, cfg.stats) for layer in layers}
+    if name == "memit":
+        return lambda facts: memit.edit(model, tokenizer, facts, stats, hparams, batch_size=cfg.get("batch_size"),
+                                        trainer_kwargs=trainer)  # fmt: skip
+    return lambda facts: edit(model, tokenizer, facts, stats, hparams, trainer)
+
+
+def save_run(cfg, out: Path, model, tokenizer, edits, facts, probes, table, base_fingerprint, seconds) -> None:
+    """edits.safetensors (each new edit with the probes of its fact), probes.json and .md, the model if asked."""
+    one_per_fact = all("facts" not in made.fact for made in edits[len(edits) - len(facts) :])  # ROME (MEMIT: per layer)
+    for made, fact in zip(edits[len(edits) - len(facts) :] if one_per_fact else [], facts):
+        texts = {fact.text, *fact.generalization_probes, *fact.specificity_probes}
+        made.info["probes"] = [p for p in probes if p["before"]["prompt"] in texts]
+    save_edits(out / "edits.safetensors", edits, base_fingerprint=base_fingerprint, model_name=str(cfg.model.name))
+    write_json(
+        out / "probes.json", {"facts": [f.to_dict() for f in facts], "seconds": round(seconds, 2), "probes": probes}
+    )
     (out / "probes.md").write_text(table + "\n")
     if cfg.save_model:
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
-    log.info("%d edit(s) in %.1fs; saved %s (%d edits in all)%s", len(new), seconds, out / "edits.safetensors",
-             len(prior) + len(new), "; full model in " + str(out / "model") if cfg.save_model else "")
-    del backup
-    return out

@@ -3,6 +3,7 @@
 Averaging keys and values over varied prefixes makes the edit hold in contexts other than the
 bare prompt. ROME generates 10 texts of 5 tokens and 10 of 10 tokens from five openings.
 """
+
 import json
 import logging
 import weakref
@@ -55,8 +56,14 @@ def _generate(model, tokenizer, length: int, count: int, seed: int) -> list[str]
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        output = model.generate(**encoded, do_sample=True, top_k=5, max_new_tokens=length, min_new_tokens=length,
-                                pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(
+            **encoded,
+            do_sample=True,
+            top_k=5,
+            max_new_tokens=length,
+            min_new_tokens=length,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     finally:
         torch.random.set_rng_state(generator_state)
     texts = tokenizer.batch_decode(output, skip_special_tokens=True)

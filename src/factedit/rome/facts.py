@@ -1,4 +1,5 @@
 """A fact to write: subject, prompt template, new object, and the probes reported around an edit."""
+
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,9 +27,13 @@ class Fact:
             if not isinstance(value, str) or not value.strip():
                 raise FacteditError(f"fact {self.name!r}: {key} must be a non-empty string (got {value!r})")
         if self.prompt.count("{}") != 1:
-            raise FacteditError(f"fact {self.name!r}: prompt {self.prompt!r} needs exactly one '{{}}' where the subject goes")
+            raise FacteditError(
+                f"fact {self.name!r}: prompt {self.prompt!r} needs exactly one '{{}}' where the subject goes"
+            )
         if self.target_true is not None and self.target_new.strip() == str(self.target_true).strip():
-            raise FacteditError(f"fact {self.name!r}: target_new equals target_true ({self.target_new!r}); nothing to edit")
+            raise FacteditError(
+                f"fact {self.name!r}: target_new equals target_true ({self.target_new!r}); nothing to edit"
+            )
         self.target_new = self.target_new.strip()
 
     @property
@@ -44,8 +49,16 @@ def fact_from_config(cfg) -> Fact:
     known = {k: v for k, v in data.items() if k in Fact.__dataclass_fields__}
     missing = {"subject", "prompt", "target_new"} - set(known)
     if missing:
-        raise FacteditError(f"fact is missing {', '.join(sorted(missing))}: set fact.{sorted(missing)[0]}=... or pick fact=<name>")
+        raise FacteditError(
+            f"fact is missing {', '.join(sorted(missing))}: set fact.{sorted(missing)[0]}=... or pick fact=<name>"
+        )
     return Fact(**known)
+
+
+def as_facts(facts) -> list[Fact]:
+    """A Fact, a mapping, or a list of them, as a list of Facts."""
+    facts = facts if isinstance(facts, (list, tuple, ListConfig)) else [facts]
+    return [f if isinstance(f, Fact) else fact_from_config(f) for f in facts]
 
 
 def load_facts(path) -> list[Fact]:

@@ -1,109 +1,117 @@
-"""ROME end to end for a list of facts: templates → v* (and k̄, from the same run at δ = 0) → (u, Λ) → W + Λuᵀ, in order."""
+"""ROME end to end, one fact after another: k̄ → v* → (u, Λ) → W + Λuᵀ.
+
+templates  context.py        the bare prompt plus short texts the model writes itself
+k̄          compute_key.py    the rewrite module's input at the subject, averaged over templates
+v*         compute_value.py  the output that makes the model say the new object
+ΔW = Λuᵀ   update.py         the closed-form rank-one write of (k̄, v*), weighted by C = E[k kᵀ]
+"""
+
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
-from omegaconf import OmegaConf
 
 from factedit.architectures import as_out_in, check_layer, get_module, module_name
-from factedit.errors import FacteditError
+from factedit.rome.compute_key import compute_key, template_keys
 from factedit.rome.compute_value import compute_value
 from factedit.rome.context import context_templates
-from factedit.rome.edits import Edit, WeightBackup, apply_edits
-from factedit.rome.facts import Fact, fact_from_config
-from factedit.rome.low_precision import resolve_bf16
+from factedit.rome.edits import Edit, Edits, WeightBackup, apply_edits, revert_edits
+from factedit.rome.facts import as_facts
+from factedit.rome.fast import value_engine
+from factedit.rome.hparams import RomeHparams, resolve_hparams
+from factedit.rome.preserve import null_space_projector, without_keys
 from factedit.rome.update import rank_one_update
+from factedit.rome.value_batch import value_batch
+from factedit.stats.files import second_moment_from
 
 log = logging.getLogger(__name__)
-UPDATES = ("fixed", "original", "two_keys")  # see update.py
-
-DEFAULT_HPARAMS = dict(layer=5, v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
-                       kl_factor=0.0625, loss_threshold=0.05, stop_on="nll", context_templates=[[5, 10], [10, 10]], update="two_keys",
-                       fast=True, fused_activations=True, tf32=True, cuda_graph=True, graph_cache=8, bf16="auto", seed=0, role="rewrite")
 
 
-class Edits(list):
-    """The edits made, in order; `.backup` restores the weights they changed (revert_edits)."""
-
-    backup: WeightBackup
-
-
-def resolve_hparams(model, hparams=None) -> dict:
-    """Defaults, then the model registry entry's `rome:` block, then `hparams`."""
-    from factedit.models import model_config
-
-    merged = dict(DEFAULT_HPARAMS)
-    name = getattr(model.config, "factedit_name", None)
-    if name:
-        try:
-            merged.update(OmegaConf.to_container(model_config(name).get("rome", {})))
-        except FacteditError:
-            pass
-    if hparams:
-        merged.update(OmegaConf.to_container(hparams) if OmegaConf.is_config(hparams) else hparams)
-    return merged
-
-
-def _second_moment(stats, model, layer: int) -> torch.Tensor:
-    if stats is None:
-        from factedit.stats import load_second_moment
-
-        return load_second_moment(model, layer)
-    return stats(layer) if callable(stats) else stats[layer]
-
-
-def edit_one(model, tokenizer, fact: Fact, second_moment: torch.Tensor, hp: dict, trainer_kwargs=None) -> Edit:
-    """Compute one ROME edit on the current weights (the model is left unchanged)."""
-    layer = check_layer(model, hp["layer"])
-    if hp["update"] not in UPDATES:  # before the v* fit, not after it
-        raise FacteditError(f"editor.update must be one of {', '.join(UPDATES)}, not {hp['update']!r}")
-    resolve_bf16(hp.get("bf16", False), model.device)  # a bad editor.bf16 fails here, before the work
-    timings, start = {}, time.perf_counter()
-    templates = context_templates(model, tokenizer, hp["context_templates"], seed=int(hp["seed"]))  # templates[0]: "{}"
-    timings["templates"], start = time.perf_counter() - start, time.perf_counter()
-    role = hp["role"]  # "rewrite" (the MLP down-projection) or "attn_out" (the attention output projection)
-    value = compute_value(model, tokenizer, fact, layer, templates, hp, trainer_kwargs)  # refuses a known target first
-    delta = value.delta.detach().double()
-    timings["value"], start = time.perf_counter() - start, time.perf_counter()
-    keys = value.template_keys.double()  # the v* fit's δ = 0 run computed them (compute_key.py, without that run)
-    key = keys.mean(dim=0)  # k̄
-    bare_key = keys[0] if hp["update"] != "fixed" else None  # the bare prompt's key
-    timings["key"], start = time.perf_counter() - start, time.perf_counter()
-    weight = as_out_in(model, get_module(model, module_name(model, role, layer)).weight)
-    residual_key = bare_key if hp["update"] == "original" else key  # the reference code: the bare prompt's key
-    target_value = weight.double() @ residual_key + delta  # v*: the value the key should now produce
-    u, lam = rank_one_update(weight, second_moment, key, target_value, residual_key=residual_key,
-                             also_key=bare_key if hp["update"] == "two_keys" else None)
-    timings["update"] = time.perf_counter() - start
-    info = {"steps": len(value.history), "final_loss": value.history[-1]["loss"] if value.history else None,
-            "p_target": value.history[-1]["p_target"] if value.history else None,
-            "delta_norm_ratio": float(delta.norm() / value.initial_value.double().norm()),
-            "bf16": value.bf16,  # what editor.bf16 (auto) resolved to on this hardware
-            "cuda_graph": value.graph_use,  # None (eager), "captured" or "kept" (replayed a graph kept from an earlier edit)
-            "seconds": {k: round(v, 3) for k, v in timings.items()},
-            "value_seconds": {k: round(v, 3) for k, v in value.seconds.items()},
-            "hparams": {k: (list(map(list, v)) if k == "context_templates" else v) for k, v in hp.items()}}
-    return Edit(layer, module_name(model, role, layer), u.cpu(), lam.cpu(), fact.to_dict(), info,
-                key=key.cpu(), target_value=(weight.double() @ key + lam * (u @ key)).cpu())
+def edit_one(model, tokenizer, fact, second_moment: torch.Tensor, hp: RomeHparams, trainer_kwargs=None,
+             projector: torch.Tensor | None = None) -> Edit:  # fmt: skip
+    """Compute one ROME edit on the current weights (the model is left unchanged).
+    projector: preserve.py's P in place of C⁻¹ (preserve=null_space)."""
+    layer, clock = check_layer(model, hp.layer), _Clock()
+    templates = context_templates(model, tokenizer, hp.context_templates, seed=hp.seed)  # templates[0]: "{}"
+    batch = value_batch(tokenizer, [fact], templates, model.device)
+    clock.lap("templates")
+    with value_engine(model, layer, batch, hp) as engine:  # the one pass through the model at δ = 0
+        clock.lap("prepare")
+        keys = template_keys(engine.zero_run.rewrite_input, batch)[0].double()  # k at each template: (T, d_in)
+        key, bare_key = compute_key(keys), keys[0]  # k̄, and the bare prompt's key k₀
+        clock.lap("key")
+        value = compute_value(engine, [fact], trainer_kwargs)  # δ; refuses a known target first
+        clock.lap("value")
+    weight = as_out_in(model, get_module(model, module_name(model, hp.role, layer)).weight)
+    residual_key = bare_key if hp.update == "original" else key  # the reference code: the bare prompt's key
+    target_value = weight.double() @ residual_key + value.delta.detach()[0].double()  # v*: what the key should give
+    also_key = bare_key if hp.update == "two_keys" else None
+    u, lam = rank_one_update(weight, second_moment, key, target_value, residual_key=residual_key, also_key=also_key,
+                             projector=projector)  # fmt: skip
+    clock.lap("update")
+    written = weight.double() @ key + lam * (u @ key)  # (W + ΔW) k̄
+    name = module_name(model, hp.role, layer)
+    info = _edit_info(value, engine.bf16, hp, clock.seconds)
+    written_keys = torch.stack([key, bare_key] if also_key is not None else [key]).cpu()
+    return Edit(layer, name, u.cpu(), lam.cpu(), fact.to_dict(), info, key=key.cpu(), target_value=written.cpu(),
+                written_keys=written_keys)  # fmt: skip
 
 
-def edit(model, tokenizer, facts, stats=None, hparams=None, trainer_kwargs=None) -> Edits:
+def _edit_info(value, bf16: bool, hp: RomeHparams, seconds: dict) -> dict:
+    """What an Edit records of its v* fit: steps, final loss and P(target), |δ|/|v₀|, precision, timings, options."""
+    history, delta, initial = value.histories[0], value.delta.detach()[0].double(), value.objective.initial_value[0]
+    return dict(steps=len(history), final_loss=history[-1]["loss"] if history else None,
+                p_target=history[-1]["p_target"] if history else None,
+                delta_norm_ratio=float(delta.norm() / initial.double().norm()),
+                bf16=bf16,  # what editor.bf16 (auto) resolved to on this hardware
+                cuda_graph=getattr(value.stepper, "graph_use", None),  # None (eager), "captured" or "kept"
+                seconds=seconds, hparams=hp.to_dict())  # fmt: skip
+
+
+def edit(
+    model, tokenizer, facts, stats=None, hparams=None, trainer_kwargs=None, edited_outer: dict | None = None
+) -> Edits:
     """Edit `facts` one after another (each on the already-edited weights) and apply them.
 
     facts: Fact, mapping, or a list of them. stats: {layer: C}, a callable layer -> C, or None to load
-    the precomputed file. Returns the Edits; `revert_edits(model, edits.backup)` undoes them exactly.
+    the precomputed file. hparams: overrides of the model's ROME options (hparams.py), a mapping or
+    RomeHparams. edited_outer: {layer: Σ k kᵀ} of keys edited earlier in a run (preserve=null_space
+    keeps them; updated in place). Returns the Edits; `revert_edits(model, edits.backup)` undoes them
+    exactly; on an error the weights are as they were.
     """
-    facts = facts if isinstance(facts, (list, tuple)) else [facts]
-    facts = [f if isinstance(f, Fact) else fact_from_config(f) for f in facts]
+    facts = as_facts(facts)
     hp = resolve_hparams(model, hparams)
-    second_moment = _second_moment(stats, model, check_layer(model, hp["layer"]))
+    layer = check_layer(model, hp.layer)
+    second_moment = second_moment_from(stats, model, layer)
+    edited_outer = {} if edited_outer is None else edited_outer
     edits = Edits()
     edits.backup = WeightBackup()
-    for fact in facts:
-        made = edit_one(model, tokenizer, fact, second_moment, hp, trainer_kwargs)
-        apply_edits(model, [made], edits.backup)
-        edits.append(made)
-        log.info("edited %r: %s -> %s (layer %d, %.1fs)", fact.name, fact.text, fact.target_new, made.layer,
-                 sum(made.info["seconds"].values()))
+    try:
+        for fact in facts:
+            projector = None
+            if hp.preserve == "null_space":
+                projector = null_space_projector(second_moment, hp.null_space_threshold)
+                projector = without_keys(projector, edited_outer.get(layer))
+            made = edit_one(model, tokenizer, fact, second_moment, hp, trainer_kwargs, projector)
+            apply_edits(model, [made], edits.backup)
+            edits.append(made)
+            if hp.preserve == "null_space":  # the keys just written (k̄, and k₀ with two_keys) stay as they now are
+                keys = made.written_keys.double()
+                edited_outer[layer] = keys.T @ keys + edited_outer.get(layer, 0)
+            log.info("edited %r: %s -> %s (layer %d, %.1fs)", fact.name, fact.text, fact.target_new, made.layer,
+                     sum(made.info["seconds"].values()))  # fmt: skip
+    except BaseException:
+        revert_edits(model, edits.backup)
+        raise
     return edits
+
+
+class _Clock:
+    """Seconds per part of an edit, for `Edit.info["seconds"]`."""
+
+    def __init__(self):
+        self.seconds, self._last = {}, time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part], self._last = round(now - self._last, 3), now

@@ -11,6 +11,7 @@ Metadata (strings): format, code_version, model, fingerprint, module, layer, sou
 seq_len, seed, dtype, precision; a partial file adds rows_done and num_rows.
 """
 import importlib.metadata
+import logging
 import re
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from factedit.errors import FacteditError
 from factedit.io import read_safetensors, write_safetensors
 from factedit.models import model_fingerprint
 
+log = logging.getLogger(__name__)
 FORMAT = "factedit-stats/1"
 DEFAULT_SOURCE = "wiki_offline"
 _RESULT_NAME = re.compile(r"^(?P<source>[A-Za-z0-9_+]+)-(?P<tokens>\d+)\.safetensors$")
@@ -161,3 +163,26 @@ def load_second_moment(model, layer: int, *, source: str | None = None, tokens: 
     _, _, path = max(candidates, key=lambda c: (c[1], c[0] == DEFAULT_SOURCE))
     second_moment, _ = read_result(path, model, layer)
     return second_moment
+
+
+def second_moment_for(model, tokenizer, layer: int, stats_cfg) -> torch.Tensor:
+    """C of the rewrite module at `layer` as an entry point's `stats:` options ask (dir, source, tokens);
+    with stats.auto, a missing file is computed first over stats.auto_tokens tokens."""
+    from factedit.stats.collect import compute_second_moment
+
+    where = dict(stats_dir=stats_cfg.get("dir"))
+    try:
+        return load_second_moment(model, layer, source=stats_cfg.source, tokens=stats_cfg.tokens, **where)
+    except FacteditError:
+        if not stats_cfg.auto:
+            raise
+    log.info("no key statistics yet: computing %d tokens first (stats.auto=true)", stats_cfg.auto_tokens)
+    compute_second_moment(model, tokenizer, [layer], max_tokens=int(stats_cfg.auto_tokens), **where)
+    return load_second_moment(model, layer, **where)
+
+
+def second_moment_from(stats, model, layer: int) -> torch.Tensor:
+    """C for `layer` from what an API caller passed: {layer: C}, a callable layer -> C, or None (the stats file)."""
+    if stats is None:
+        return load_second_moment(model, layer)
+    return stats(layer) if callable(stats) else stats[layer]

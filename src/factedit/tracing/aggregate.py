@@ -4,6 +4,7 @@ Indirect effect of a restoration = P(true object | corrupted, state restored) âˆ
 Per fact, the effects of the tokens in each bucket are averaged; then buckets are averaged over facts.
 Total effect = P(clean) âˆ’ P(corrupted).
 """
+
 import json
 import logging
 import warnings
@@ -18,12 +19,19 @@ from factedit.io import write_json
 from factedit.tracing.causal_trace import encode_prompt, trace_fact
 
 log = logging.getLogger(__name__)
-BUCKETS = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
-           "further tokens", "last token")
+BUCKETS = (
+    "first subject token",
+    "middle subject tokens",
+    "last subject token",
+    "first subsequent token",
+    "further tokens",
+    "last token",
+)
 LAST_SUBJECT = BUCKETS.index("last subject token")
 
 
 # ---------------------------------------------------------------- token buckets and averages
+
 
 def bucket_tokens(subject_range, n_tokens: int) -> dict[str, list[int]]:
     """Token indices of each bucket. A one-token subject is both first and last subject token; the
@@ -73,22 +81,30 @@ def average_effects(results: list[dict], model_name: str = "") -> dict:
             warnings.simplefilter("ignore", RuntimeWarning)  # a bucket no fact has: nan
             means = np.nanmean(stacked, axis=0)
         effects[kind] = {b: {"aie": means[i].tolist(), "count": int(counts[i])} for i, b in enumerate(BUCKETS)}
-    peaks = {f"{kind} at {bucket}": peak(effects[kind][bucket]["aie"])
-             for kind, bucket in (("mlp", "last subject token"), ("hidden", "last subject token"),
-                                  ("attn", "last token"), ("mlp", "last token")) if kind in effects}
-    return {
-        "model": model_name, "n_facts": len(results), "window": results[0]["window"], "samples": results[0]["samples"],
-        "noise": results[0]["noise"], "noise_std": results[0]["noise_std"], "corruption": results[0]["corruption"],
-        "clean_prob": float(clean.mean()), "corrupted_prob": float(corrupted.mean()),
-        "total_effect": float((clean - corrupted).mean()), "peaks": peaks, "effects": effects,
-        "facts": [{"case_id": r.get("case_id"), "subject": r["subject"], "text": r["text"], "target": r["target"],
-                   "clean_prob": r["clean_prob"], "corrupted_prob": r["corrupted_prob"],
-                   "mlp_peak_at_last_subject": peak(f["mlp"][LAST_SUBJECT]) if "mlp" in f else None}
-                  for r, f in zip(results, per_fact)],
-    }
+    sites = (
+        ("mlp", "last subject token"),
+        ("hidden", "last subject token"),
+        ("attn", "last token"),
+        ("mlp", "last token"),
+    )
+    peaks = {f"{kind} at {bucket}": peak(effects[kind][bucket]["aie"]) for kind, bucket in sites if kind in effects}
+    first = results[0]
+    return dict(model=model_name, n_facts=len(results), window=first["window"], samples=first["samples"],
+                noise=first["noise"], noise_std=first["noise_std"], corruption=first["corruption"],
+                clean_prob=float(clean.mean()), corrupted_prob=float(corrupted.mean()),
+                total_effect=float((clean - corrupted).mean()), peaks=peaks, effects=effects,
+                facts=[_fact_line(r, f) for r, f in zip(results, per_fact)])  # fmt: skip
+
+
+def _fact_line(result: dict, effects: dict) -> dict:
+    keys = ("case_id", "subject", "text", "target", "clean_prob", "corrupted_prob")
+    line = {key: result.get(key) for key in keys}
+    line["mlp_peak_at_last_subject"] = peak(effects["mlp"][LAST_SUBJECT]) if "mlp" in effects else None
+    return line
 
 
 # ---------------------------------------------------------------- CounterFact facts the model knows
+
 
 def read_counterfact(path) -> list[dict]:
     """{case_id, subject, prompt, target_true} of each record of a CounterFact file (ROME's format)."""
@@ -98,8 +114,15 @@ def read_counterfact(path) -> list[dict]:
     try:
         records = json.loads(path.read_text())
         rewrites = [(r.get("case_id", i), r["requested_rewrite"]) for i, r in enumerate(records)]
-        return [{"case_id": case_id, "subject": rewrite["subject"], "prompt": rewrite["prompt"],
-                 "target_true": rewrite["target_true"]["str"]} for case_id, rewrite in rewrites]
+        return [
+            {
+                "case_id": case_id,
+                "subject": rewrite["subject"],
+                "prompt": rewrite["prompt"],
+                "target_true": rewrite["target_true"]["str"],
+            }
+            for case_id, rewrite in rewrites
+        ]
     except (ValueError, KeyError, TypeError) as error:
         raise FacteditError(f"{path} is not a CounterFact file in ROME's format ({error!r})") from None
 
@@ -124,6 +147,7 @@ def known_facts(model, tokenizer, facts: list[dict], limit: int | None) -> list[
 
 # ---------------------------------------------------------------- Lightning predict
 
+
 class CausalTraceModule(lightning.LightningModule):
     """predict_step traces one fact and writes facts/<case_id>.json; the Trainer splits facts over devices.
 
@@ -141,15 +165,23 @@ class CausalTraceModule(lightning.LightningModule):
             cached = json.loads(path.read_text())
             if cached.get("tag") == self.tag:
                 return cached
-        result = trace_fact(self.model, self.tokenizer, fact["prompt"], fact["subject"], fact["target_true"],
-                            force=True, **self.settings).to_dict()
+        result = trace_fact(
+            self.model,
+            self.tokenizer,
+            fact["prompt"],
+            fact["subject"],
+            fact["target_true"],
+            force=True,
+            **self.settings,
+        ).to_dict()
         result.update(case_id=fact["case_id"], tag=self.tag, rank=self.global_rank)
         write_json(path, result)
         return result
 
 
-def trace_facts(model, tokenizer, facts: list[dict], settings: dict, out_dir, tag: dict,
-                trainer_cfg: dict) -> list[dict] | None:
+def trace_facts(
+    model, tokenizer, facts: list[dict], settings: dict, out_dir, tag: dict, trainer_cfg: dict
+) -> list[dict] | None:
     """Trace `facts` with lightning.Trainer(**trainer_cfg).predict; on rank 0, return every fact's result."""
     fact_dir = Path(out_dir) / "facts"
     module = CausalTraceModule(model, tokenizer, settings, fact_dir, tag)

@@ -18,8 +18,9 @@ the clean run: rotary tables, masks). Three shortcuts skip work whose result is 
     token t compute positions t..T-1 only, attending to the corrupted run's keys/values before t;
   * tokens before the subject are the same in clean and corrupted runs: restoring them changes
     nothing, so their cells get the corrupted score without a forward.
-`restored_probability_loop` is the slow reference, one full forward per cell as ROME's trace_with_patch.
+`reference_restored_probability` is the slow reference, one full forward per cell as ROME's trace_with_patch.
 """
+
 import inspect
 import logging
 import time
@@ -27,10 +28,18 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from factedit.architectures import architecture_of, get_module, module_name, num_layers
+from factedit.architectures import architecture_of, get_module, module_name, num_layers, unembed
 from factedit.errors import FacteditError
-from factedit.hooks import Trace, as_attention_mask, attention_mask_kind, cache_parameter, hidden_of
-from factedit.tokens import fill_prompt, subject_token_range
+from factedit.hooks import (
+    PrefixCache,
+    Trace,
+    as_attention_mask,
+    attention_mask_kind,
+    cache_parameter,
+    hidden_of,
+    prefix_causal_mask,
+)
+from factedit.tokens import fill_prompt, subject_token_range, target_token_ids
 
 log = logging.getLogger(__name__)
 KINDS = ("hidden", "mlp", "attn")
@@ -39,6 +48,7 @@ CORRUPTIONS = ("noise", "replace")
 
 
 # ---------------------------------------------------------------- the fact as tokens
+
 
 @dataclass
 class TracePrompt:
@@ -56,12 +66,15 @@ def encode_prompt(tokenizer, prompt: str, subject: str, target_true: str | None 
     input_ids = tokenizer(text, return_tensors="pt")["input_ids"]
     target_id = None
     if target_true is not None and str(target_true).strip():
-        target_id = tokenizer(" " + str(target_true).strip(), add_special_tokens=False)["input_ids"][0]
+        target_id = target_token_ids(tokenizer, str(target_true).strip())[0]
     tokens = [tokenizer.decode([i]) for i in input_ids[0].tolist()]
-    return TracePrompt(text, input_ids, subject_token_range(tokenizer, text, subject, text.find(subject)), target_id, tokens)
+    return TracePrompt(
+        text, input_ids, subject_token_range(tokenizer, text, subject, text.find(subject)), target_id, tokens
+    )
 
 
 # ---------------------------------------------------------------- corruption
+
 
 @torch.no_grad()
 def embedding_std(model, tokenizer, texts: list[str] | None = None) -> float:
@@ -83,9 +96,15 @@ def embedding_std(model, tokenizer, texts: list[str] | None = None) -> float:
 
 
 @torch.no_grad()
-def corrupted_subject_embeddings(model, prompt: TracePrompt, samples: int, corruption: str = "noise",
-                                 noise_std: float = 0.1, replacement_ids: torch.Tensor | None = None,
-                                 seed: int = 0) -> torch.Tensor:
+def corrupted_subject_embeddings(
+    model,
+    prompt: TracePrompt,
+    samples: int,
+    corruption: str = "noise",
+    noise_std: float = 0.1,
+    replacement_ids: torch.Tensor | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
     """What the embedding output holds at the subject in each corrupted sample: (samples, n_subject, d_model).
 
     noise:   clean embeddings + N(0, noise_std²) per coordinate (ROME's corruption).
@@ -115,31 +134,6 @@ def _corrupt_rows(hidden: torch.Tensor, subject_range, subject_embeds: torch.Ten
 
 
 # ---------------------------------------------------------------- replaying decoder layers
-
-class KeyValueRecorder:
-    """Stands in for a transformers Cache: keeps the keys/values each attention layer computes."""
-
-    def __init__(self):
-        self.keys, self.values = {}, {}
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
-        return key_states, value_states
-
-
-class PrefixCache:
-    """Stands in for a transformers Cache: puts the corrupted run's keys/values of positions 0..length-1
-    before each layer's own, so a run computes only later positions. Row i uses sample samples[i]; a
-    batch that grows as rows join (rows sorted by start layer) uses the first B rows."""
-
-    def __init__(self, keys: dict, values: dict, samples: torch.Tensor, length: int):
-        self.keys, self.values, self.samples, self.length = keys, values, samples, length
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        rows = self.samples[: key_states.shape[0]]
-        return (torch.cat([self.keys[layer_idx][rows, :, : self.length], key_states], dim=-2),
-                torch.cat([self.values[layer_idx][rows, :, : self.length], value_states], dim=-2))
-
 
 _PER_POSITION = ("position_embeddings", "position_ids", "cache_position", "attention_mask")
 
@@ -179,8 +173,8 @@ class LayerCalls:
 
     def _causal_mask(self, first: int, device, dtype) -> torch.Tensor:
         """(1, 1, T - first, T): the query at position first + i sees keys 0..first + i."""
-        allowed = torch.ones(self.n_tokens - first, self.n_tokens, dtype=torch.bool, device=device).tril(first)
-        return as_attention_mask(allowed, self.mask_kind, dtype)[None, None]
+        allowed = prefix_causal_mask(torch.tensor([first], device=device), first, self.n_tokens - first)
+        return as_attention_mask(allowed, self.mask_kind, dtype)
 
 
 def _bind_layer_call(module, args, kwargs) -> dict:
@@ -200,16 +194,28 @@ def _bind_layer_call(module, args, kwargs) -> dict:
 def _layer_calls(model, kwargs: list[dict], n_tokens: int) -> LayerCalls:
     layer = get_module(model, module_name(model, "layer", 0))
     cache_arg = cache_parameter(layer.forward)
-    cuttable = all(name in _PER_POSITION for call in kwargs for name, value in call.items()
-                   if torch.is_tensor(value) or (isinstance(value, tuple) and value and torch.is_tensor(value[0])))
+    cuttable = all(
+        name in _PER_POSITION
+        for call in kwargs
+        for name, value in call.items()
+        if torch.is_tensor(value) or (isinstance(value, tuple) and value and torch.is_tensor(value[0]))
+    )
     window = getattr(model.config, "sliding_window", None)
     if not cuttable or (window is not None and n_tokens > window):
         cache_arg = None
     return LayerCalls(kwargs, n_tokens, cache_arg, attention_mask_kind(model))
 
 
-def run_layers(model, calls: LayerCalls, hidden: torch.Tensor | None, start: int, first: int = 0, cache=None,
-               residual: list | None = None, joins: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+def run_layers(
+    model,
+    calls: LayerCalls,
+    hidden: torch.Tensor | None,
+    start: int,
+    first: int = 0,
+    cache=None,
+    residual: list | None = None,
+    joins: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Replay decoder layers start..L-1 and the head; next-token probabilities at the last position (B, V).
 
     hidden: (B, T - first, d), the input of layer `start` at positions first..T-1 (None: rows come from
@@ -230,6 +236,7 @@ def run_layers(model, calls: LayerCalls, hidden: torch.Tensor | None, start: int
 
 
 # ---------------------------------------------------------------- clean and corrupted runs
+
 
 @dataclass
 class CleanRun:
@@ -252,13 +259,8 @@ def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
 
 def last_token_probs(model, hidden: torch.Tensor) -> torch.Tensor:
     """Next-token probabilities from final-layer hidden states (B, T, d) at the last position: (B, V)."""
-    arch = architecture_of(model)
-    normed = get_module(model, arch.final_norm)(hidden[:, -1].contiguous())
-    logits = _at_least_float32(get_module(model, arch.lm_head)(normed))
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.softmax(dim=-1)
+    normed = get_module(model, module_name(model, "final_norm"))(hidden[:, -1].contiguous())
+    return unembed(model, normed, at_least_float32=True).softmax(dim=-1)
 
 
 def _layer_names(model, kind: str) -> list[str]:
@@ -302,15 +304,17 @@ def corrupted_run(model, prompt: TracePrompt, subject_embeds: torch.Tensor, call
     def corrupt(name, hidden):
         return _corrupt_rows(hidden, prompt.subject_range, subject_embeds) if name == embed else hidden
 
-    with Trace(model, [embed, first_layer], retain_input=True, retain_output=False, edit_output=corrupt,
-               stop=True) as trace:
+    with Trace(
+        model, [embed, first_layer], retain_input=True, retain_output=False, edit_output=corrupt, stop=True
+    ) as trace:
         model(input_ids=input_ids, use_cache=False)
-    recorder, residual = KeyValueRecorder(), []
+    recorder, residual = PrefixCache(record=True), []
     probs = run_layers(model, calls, trace[first_layer].input, 0, cache=recorder, residual=residual)
-    return CorruptedRun(torch.stack(residual), recorder.keys, recorder.values, probs)
+    return CorruptedRun(torch.stack(residual), recorder.computed_keys, recorder.computed_values, probs)
 
 
 # ---------------------------------------------------------------- restorations, batched
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -345,8 +349,16 @@ def _start_layer(kind: str, cell: Cell, shortcuts: bool) -> int:
 
 
 @torch.no_grad()
-def _restore_rows(model, clean: CleanRun, corrupted: CorruptedRun, kind: str, rows: list[tuple[Cell, int]],
-                  first: int, target_id: int, shortcuts: bool) -> torch.Tensor:
+def _restore_rows(
+    model,
+    clean: CleanRun,
+    corrupted: CorruptedRun,
+    kind: str,
+    rows: list[tuple[Cell, int]],
+    first: int,
+    target_id: int,
+    shortcuts: bool,
+) -> torch.Tensor:
     """P(target) for rows (cell, sample) in one replay over positions first..T-1: (len(rows),).
 
     Rows are sorted by start layer and join the batch there, from the corrupted residual stream;
@@ -377,14 +389,29 @@ def _restore_rows(model, clean: CleanRun, corrupted: CorruptedRun, kind: str, ro
         chosen, at, values = patches[name]
         return output.index_put((chosen, at), values.to(output.dtype))
 
-    cache = PrefixCache(corrupted.keys, corrupted.values, samples, first) if first > 0 else None
+    cache = None
+    if first > 0:  # the corrupted run's keys/values of positions 0..first-1, each row's sample
+        prefix = [
+            {layer: kv[:, :, :first] for layer, kv in computed.items()}
+            for computed in (corrupted.keys, corrupted.values)
+        ]
+        cache = PrefixCache(*prefix, rows=samples)
     with Trace(model, list(patches), retain_output=False, edit_output=restore):
         return run_layers(model, clean.calls, None, starts[0], first, cache, joins=joins)[:, target_id]
 
 
-def restored_grid(model, clean: CleanRun, corrupted: CorruptedRun, kind: str, prompt: TracePrompt, target_id: int,
-                  window: int = 10, batch_size: int = 256, shortcuts: bool = True,
-                  only: set[tuple[int, int]] | None = None) -> torch.Tensor:
+def restored_grid(
+    model,
+    clean: CleanRun,
+    corrupted: CorruptedRun,
+    kind: str,
+    prompt: TracePrompt,
+    target_id: int,
+    window: int = 10,
+    batch_size: int = 256,
+    shortcuts: bool = True,
+    only: set[tuple[int, int]] | None = None,
+) -> torch.Tensor:
     """Scores of every restoration of one kind: (T, L), P(target) averaged over samples.
 
     Rows (cell × sample) restoring the same token share a replay of at most `batch_size` rows over
@@ -397,8 +424,11 @@ def restored_grid(model, clean: CleanRun, corrupted: CorruptedRun, kind: str, pr
     grid = torch.full((n_tokens, n_layers), float(corrupted.probs[:, target_id].mean()), dtype=torch.float64)
     first_token = prompt.subject_range[0] if shortcuts else 0
     skip_prefix = shortcuts and clean.calls.can_skip_prefix
-    cells = [cell for cell in grid_cells(kind, n_tokens, n_layers, window, first_token)
-             if only is None or (cell.token, cell.layer) in only]
+    cells = [
+        cell
+        for cell in grid_cells(kind, n_tokens, n_layers, window, first_token)
+        if only is None or (cell.token, cell.layer) in only
+    ]
     groups: dict[int, list[tuple[Cell, int]]] = {}  # first position computed -> rows
     for cell in cells:
         groups.setdefault(cell.token if skip_prefix else 0, []).extend((cell, sample) for sample in range(samples))
@@ -406,7 +436,7 @@ def restored_grid(model, clean: CleanRun, corrupted: CorruptedRun, kind: str, pr
     for first, rows in groups.items():
         rows.sort(key=lambda row: _start_layer(kind, row[0], shortcuts))
         for offset in range(0, len(rows), batch_size):
-            chunk = rows[offset:offset + batch_size]
+            chunk = rows[offset : offset + batch_size]
             scores = _restore_rows(model, clean, corrupted, kind, chunk, first, target_id, shortcuts)
             for (cell, _), score in zip(chunk, scores.tolist()):
                 totals[cell.token, cell.layer] += score
@@ -417,9 +447,11 @@ def restored_grid(model, clean: CleanRun, corrupted: CorruptedRun, kind: str, pr
 
 # ---------------------------------------------------------------- the slow reference
 
+
 @torch.no_grad()
-def restored_probability_loop(model, prompt: TracePrompt, subject_embeds: torch.Tensor, kind: str, cell: Cell,
-                              target_id: int) -> float:
+def reference_restored_probability(
+    model, prompt: TracePrompt, subject_embeds: torch.Tensor, kind: str, cell: Cell, target_id: int
+) -> float:
     """One cell, one full forward (ROME's trace_with_patch): row 0 clean, rows 1.. corrupted; the clean
     row's states at the cell's token are copied into the corrupted rows; mean P(target) of those rows."""
     samples = subject_embeds.shape[0]
@@ -440,6 +472,7 @@ def restored_probability_loop(model, prompt: TracePrompt, subject_embeds: torch.
 
 
 # ---------------------------------------------------------------- one fact, all heatmaps
+
 
 @dataclass
 class TraceResult:
@@ -487,7 +520,7 @@ def check_settings(model, samples: int, window: int, corruption: str, noise: flo
 def trace_fact(model, tokenizer, prompt: str, subject: str, target_true: str | None = None, *, samples: int = 10,
                noise: float = 3.0, embed_std: float = 1.0, window: int = 10, corruption: str = "noise",
                replacement_ids: torch.Tensor | None = None, kinds=KINDS, seed: int = 0, batch_size: int = 256,
-               min_prob: float = 0.05, force: bool = False) -> TraceResult:
+               min_prob: float = 0.05, force: bool = False) -> TraceResult:  # fmt: skip
     """Trace one fact: clean run, corrupted runs, all restorations of `kinds`.
 
     noise is a multiple of `embed_std` (ROME: 3 × the std of the subjects' embeddings). A fact the model
@@ -499,25 +532,32 @@ def trace_fact(model, tokenizer, prompt: str, subject: str, target_true: str | N
     clean = clean_run(model, traced, kinds)
     top_id = int(clean.probs.argmax())
     target_id = top_id if traced.target_id is None else traced.target_id
-    clean_prob = float(clean.probs[target_id])
-    known = target_id == top_id and clean_prob >= min_prob
-    if not known:
-        message = (f"the model does not know this fact: P({tokenizer.decode([target_id])!r} | {traced.text!r}) = "
-                   f"{clean_prob:.3f}, its top prediction is {tokenizer.decode([top_id])!r} "
-                   f"({float(clean.probs[top_id]):.3f})")
-        log.warning(message)
-        if not force:
-            raise FacteditError(message + "; pass force=true to trace it anyway")
+    known = _check_known(tokenizer, traced, clean.probs, target_id, min_prob, force)
     noise_std = float(noise) * embed_std
     subject_embeds = corrupted_subject_embeddings(model, traced, samples, corruption, noise_std, replacement_ids, seed)
     corrupted = corrupted_run(model, traced, subject_embeds, clean.calls)
     scores = {kind: restored_grid(model, clean, corrupted, kind, traced, target_id, window, batch_size).tolist()
-              for kind in kinds}
+              for kind in kinds}  # fmt: skip
     return TraceResult(
         text=traced.text, subject=subject, tokens=traced.tokens, subject_range=traced.subject_range,
-        target=tokenizer.decode([target_id]), target_id=target_id, clean_prob=clean_prob,
+        target=tokenizer.decode([target_id]), target_id=target_id, clean_prob=float(clean.probs[target_id]),
         corrupted_prob=float(corrupted.probs[:, target_id].mean()), clean_top=tokenizer.decode([top_id]),
         clean_top_prob=float(clean.probs[top_id]), known=known, samples=samples, corruption=corruption,
         noise=float(noise), noise_std=noise_std if corruption == "noise" else 0.0, window=int(window),
         num_layers=num_layers(model), scores=scores, seconds=time.perf_counter() - began,
+    )  # fmt: skip
+
+
+def _check_known(tokenizer, traced: TracePrompt, probs: torch.Tensor, target_id: int, min_prob: float, force: bool):
+    """Whether the model knows the fact (target top-1 with P >= min_prob); if not, an error unless `force`."""
+    top_id, clean_prob = int(probs.argmax()), float(probs[target_id])
+    if target_id == top_id and clean_prob >= min_prob:
+        return True
+    message = (
+        f"the model does not know this fact: P({tokenizer.decode([target_id])!r} | {traced.text!r}) = "
+        f"{clean_prob:.3f}, its top prediction is {tokenizer.decode([top_id])!r} ({float(probs[top_id]):.3f})"
     )
+    log.warning(message)
+    if not force:
+        raise FacteditError(message + "; pass force=true to trace it anyway")
+    return False

@@ -1,5 +1,6 @@
 """Figures of causal tracing with matplotlib (Agg): per-fact heatmaps (ROME Fig. 1) and average
 indirect effects per token bucket and layer (ROME Fig. 2)."""
+
 from pathlib import Path
 
 import matplotlib
@@ -8,8 +9,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-TITLES = {"hidden": "single hidden states", "mlp": "MLP outputs, window {window}",
-          "attn": "attention outputs, window {window}"}
+TITLES = {
+    "hidden": "single hidden states",
+    "mlp": "MLP outputs, window {window}",
+    "attn": "attention outputs, window {window}",
+}
 COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 
 
@@ -42,8 +46,11 @@ def plot_heatmap(result: dict, kind: str, stem: Path, model_name: str = "") -> l
     ax.set_xticks(np.arange(0, n_layers, step) + 0.5, range(0, n_layers, step), fontsize=8)
     ax.set_xlabel("layer", fontsize=9)
     prefix = f"{model_name}: " if model_name else ""
-    ax.set_title(f"{prefix}restoring {TITLES[kind].format(window=result['window'])}\n"
-                 f"clean p={result['clean_prob']:.3f}, corrupted p={result['corrupted_prob']:.3f}", fontsize=9)
+    ax.set_title(
+        f"{prefix}restoring {TITLES[kind].format(window=result['window'])}\n"
+        f"clean p={result['clean_prob']:.3f}, corrupted p={result['corrupted_prob']:.3f}",
+        fontsize=9,
+    )
     colorbar = fig.colorbar(mesh, ax=ax)
     colorbar.set_label(f"p({result['target'].strip()})", fontsize=8)
     colorbar.ax.tick_params(labelsize=7)
@@ -64,11 +71,19 @@ def plot_effect_lines(summary: dict, stem: Path) -> list[Path]:
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.tick_params(labelsize=8)
     axes[0][0].set_ylabel("average indirect effect", fontsize=9)
-    fig.suptitle(f"{summary['model']}: {summary['n_facts']} known CounterFact facts, average total effect "
-                 f"{summary['total_effect']:.3f}", fontsize=10)
+    fig.suptitle(
+        f"{summary['model']}: {summary['n_facts']} known CounterFact facts, average total effect "
+        f"{summary['total_effect']:.3f}",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(summary["effects"][kinds[0]]),
-               fontsize=7, frameon=False)
+    fig.legend(
+        *axes[0][0].get_legend_handles_labels(),
+        loc="lower center",
+        ncol=len(summary["effects"][kinds[0]]),
+        fontsize=7,
+        frameon=False,
+    )
     return _save(fig, Path(stem))
 
 

@@ -8,14 +8,14 @@ positions s_r, s_r + 1, ... of each row. Inside the block, `model(**live.inputs)
 0..L-1 from the cache and attends to the cached keys/values, so it computes exactly what the full
 forward computes at those positions (tested against it in float64).
 
-The same run also yields what the edit needs from the unedited model besides: the keys k at each
-templated prompt's subject token (k̄ is their mean), v₀, and the bare prompt's predictions (the
-known-answer check), so an edit makes one pass through the whole model before its v* steps.
+The same run is the edit's one pass through the unedited model (`LiveBatch.zero_run`): the keys k
+(compute_key.py), v₀, the KL reference and the known-answer check all read it.
 
 pad=True rounds the live batch's sizes up to buckets (BUCKETS: frozen keys, live positions,
 target tokens), with the extra keys masked out and the extra target tokens weighted 0, so that
 most facts give the same shapes and a captured CUDA graph of the step serves them all (step_graph.py).
 """
+
 import contextlib
 import inspect
 import logging
@@ -26,8 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from factedit.architectures import architecture_of, get_module, module_name
-from factedit.hooks import Trace, as_attention_mask, attention_mask_kind, cache_parameter
-from factedit.rome.low_precision import bf16_autocast
+from factedit.hooks import (
+    PrefixCache,
+    Trace,
+    as_attention_mask,
+    attention_mask_kind,
+    cache_parameter,
+    prefix_causal_mask,
+)
+from factedit.rome.fast.low_precision import bf16_autocast
+from factedit.rome.value_batch import ValueBatch, ZeroRun
 
 log = logging.getLogger(__name__)
 _CHECKED: dict[tuple, bool] = {}  # (model class, attention) -> whether its live forward matched the full one
@@ -50,37 +58,17 @@ class _Replay(torch.nn.Module):
         return (hidden,) if self.as_tuple else hidden
 
 
-class FrozenKeysValues:
-    """Stands in for a transformers Cache: each layer's keys/values of the frozen positions,
-    (rows, heads, n_frozen, d_head), come before the ones the layer computes now. Never mutated."""
-
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
-        self.keys, self.values = keys, values
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return (torch.cat([self.keys[layer_idx], key_states], dim=-2),
-                torch.cat([self.values[layer_idx], value_states], dim=-2))
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.keys[0].shape[-2]
-
-
 @dataclass
 class LiveBatch:
     """The positions δ can reach. Row r holds positions s_r .. s_r + n_live - 1 (past its end: padding).
 
     inputs: keyword arguments for the model (input_ids and position_ids (rows, n_live), a 4-D
     attention mask (rows, 1, n_live, n_frozen + n_live), the frozen keys/values);
-    subject_pos: (rows,) zeros; target_pos: (T, n_target) indices into the live positions;
-    target_ids, target_weight: (n_target,) the target tokens, weighted 1 (0: bucket padding);
-    initial_final_hidden: (rows, d_model) the final norm's output at each row's subject token at
-    δ = 0, from the frozen run (the KL term's reference distribution needs no forward of its own);
+    subject_pos: (rows,) zeros; target_pos: (F·T, n_target) indices into the live positions;
+    target_ids, target_weight: (F·T, n_target) the new object's tokens, weighted 1 (0: padding);
     layer_input: (rows, n_live, d_model) layer L's input at the live positions (replayed below L);
     cache: the frozen keys/values (also in `inputs`, under the model's own argument name);
-    template_keys: (T, d_in) the rewrite module's input at each templated prompt's subject token
-    (the keys k whose mean is k̄); initial_value: (d_model,) v₀, its output at row 0's subject token;
-    prompt_final_hidden: (n_target, d_model) the final norm's output where row 0 (the first
-    template's prompt) predicts each target token.
+    zero_run: the full run at δ = 0 that all of this was cut from.
     """
 
     inputs: dict
@@ -88,26 +76,35 @@ class LiveBatch:
     target_pos: torch.Tensor
     target_ids: torch.Tensor
     target_weight: torch.Tensor
-    initial_final_hidden: torch.Tensor
     layer_input: torch.Tensor
-    cache: "FrozenKeysValues"
-    template_keys: torch.Tensor
-    initial_value: torch.Tensor
-    prompt_final_hidden: torch.Tensor
+    cache: PrefixCache
+    zero_run: ZeroRun
 
     def step_inputs(self, layer: int) -> list[torch.Tensor]:
         """Every tensor of this batch a v* step at `layer` reads, in a fixed order (step_graph.py)."""
-        return [self.inputs["input_ids"], self.inputs["position_ids"], self.inputs["attention_mask"], self.layer_input,
-                *self.cache.keys[layer:], *self.cache.values[layer:], self.subject_pos, self.target_pos, self.target_ids,
-                self.target_weight]
+        return [
+            self.inputs["input_ids"],
+            self.inputs["position_ids"],
+            self.inputs["attention_mask"],
+            self.layer_input,
+            *self.cache.keys[layer:],
+            *self.cache.values[layer:],
+            self.subject_pos,
+            self.target_pos,
+            self.target_ids,
+            self.target_weight,
+        ]
 
 
-def can_freeze(model, batch: dict) -> bool:
+def can_freeze(model, batch: ValueBatch) -> bool:
     """True when the attention implementation takes the 4-D masks built here (sdpa, eager) and no
     sliding window is shorter than the prompts (the mask here is plain causal)."""
     window = getattr(model.config, "sliding_window", None)
-    return (attention_mask_kind(model) is not None and (window is None or window >= batch["input_ids"].shape[1])
-            and _CHECKED.get(_model_key(model)) is not False)
+    return (
+        attention_mask_kind(model) is not None
+        and (window is None or window >= batch.input_ids.shape[1])
+        and _CHECKED.get(_model_key(model)) is not False
+    )
 
 
 def _model_key(model) -> tuple:
@@ -123,21 +120,14 @@ def _first_keys(cached: torch.Tensor, n: int) -> torch.Tensor:
     return cached[:, :, :n] if cached.shape[-2] >= n else F.pad(cached, (0, 0, 0, n - cached.shape[-2]))
 
 
-def _padded_targets(target_ids: torch.Tensor, target_pos: torch.Tensor, n: int):
-    """target_ids (n_target,), target_pos (T, n_target) repeated out to n columns, and weights 1 / 0 (padding)."""
-    extra = n - len(target_ids)
-    weight = torch.cat([torch.ones_like(target_ids, dtype=torch.float32), target_ids.new_zeros(extra, dtype=torch.float32)])
-    return (torch.cat([target_ids, target_ids[-1:].expand(extra)]),
-            torch.cat([target_pos, target_pos[:, -1:].expand(-1, extra)], dim=1), weight)
-
-
-def _live_mask(first: torch.Tensor, n_frozen: int, n_live: int) -> torch.Tensor:
-    """(rows, 1, n_live, n_frozen + n_live), True where live query j of row r may attend: frozen keys
-    before s_r and live keys up to j."""
-    device = first.device
-    frozen = (torch.arange(n_frozen, device=device) < first[:, None])[:, None, :].expand(-1, n_live, -1)
-    live = torch.ones(n_live, n_live, dtype=torch.bool, device=device).tril().expand(len(first), -1, -1)
-    return torch.cat([frozen, live], dim=-1)[:, None]
+def _padded_targets(target_ids: torch.Tensor, target_pos: torch.Tensor, target_weight: torch.Tensor, n: int):
+    """(F·T, n_target) target ids, positions and weights repeated out to n columns, the new ones weighted 0."""
+    extra = n - target_ids.shape[1]
+    return (
+        torch.cat([target_ids, target_ids[:, -1:].expand(-1, extra)], dim=1),
+        torch.cat([target_pos, target_pos[:, -1:].expand(-1, extra)], dim=1),
+        torch.cat([target_weight, target_weight.new_zeros(len(target_weight), extra)], dim=1),
+    )
 
 
 def _step_mask(allowed: torch.Tensor, kind: str, dtype: torch.dtype, bf16: bool) -> torch.Tensor:
@@ -163,53 +153,74 @@ class FrozenRun(NamedTuple):
     as_tuple: bool  # whether the decoder layers return tuples
 
 
-def _frozen_run(model, layer: int, batch: dict, rewrite: str, bf16: bool = False) -> FrozenRun:
+def _frozen_run(model, layer: int, batch: ValueBatch, rewrite: str, bf16: bool = False) -> FrozenRun:
     """One full forward at δ = 0 through `batch`, keeping what the v* steps and the update read."""
     name, final = module_name(model, "layer", layer), module_name(model, "final_norm")
     returns_tuple, skip_logits = [], {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         skip_logits["logits_to_keep"] = 1  # the run needs hidden states and keys/values, not the vocabulary
     handle = get_module(model, module_name(model, "layer", 0)).register_forward_hook(
-        lambda module, inputs, output: returns_tuple.append(isinstance(output, tuple)))
+        lambda module, inputs, output: returns_tuple.append(isinstance(output, tuple))
+    )
     try:
-        with torch.no_grad(), bf16_autocast(model.device, bf16), Trace(model, [name, final, rewrite], retain_input=True) as trace:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True, **skip_logits)
+        with (
+            torch.no_grad(),
+            bf16_autocast(model.device, bf16),
+            Trace(model, [name, final, rewrite], retain_input=True) as trace,
+        ):
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True, **skip_logits)
     finally:
         handle.remove()
     cache = getattr(out, "cache", None)  # transformers >= 5.2x; earlier: past_key_values
     cache = out.past_key_values if cache is None else cache
     dtype = model.dtype  # under autocast some come out bfloat16; the keys/values stay as they are
-    return FrozenRun(trace[name].input.to(dtype), trace[final].output.to(dtype), [c.keys for c in cache.layers],
-                     [c.values for c in cache.layers], trace[rewrite].input.to(dtype),
-                     trace[rewrite].output.to(dtype), returns_tuple[0])
+    return FrozenRun(
+        trace[name].input.to(dtype),
+        trace[final].output.to(dtype),
+        [c.keys for c in cache.layers],
+        [c.values for c in cache.layers],
+        trace[rewrite].input.to(dtype),
+        trace[rewrite].output.to(dtype),
+        returns_tuple[0],
+    )
 
 
-def _replays_the_full_run(model, live: LiveBatch, expected: torch.Tensor, valid: torch.Tensor, bf16: bool) -> bool:
+def _replays_the_full_run(model, live: LiveBatch, batch: ValueBatch, bf16: bool) -> bool:
     """Whether the live forward at δ = 0 gives the full run's final hidden states (a check of the
     model code's cache and mask handling, made once per model)."""
     final = module_name(model, "final_norm")
+    positions = live.inputs["position_ids"]
+    index = positions.clamp(max=batch.input_ids.shape[1] - 1)
+    valid = positions < batch.attention_mask.sum(dim=1)[:, None]
+    full = live.zero_run.final_hidden
+    wanted = full.gather(1, index[..., None].expand(-1, -1, full.shape[-1]))[valid]
     try:
         with torch.no_grad(), bf16_autocast(model.device, bf16), Trace(model, final, stop=True) as trace:
             model(**live.inputs)
         got = trace[final].output[valid]
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as error:
-        log.warning("v* runs the full forward each step: %s cannot reuse frozen keys/values (%s)",
-                    type(model).__name__, str(error).splitlines()[0])
+        log.warning(
+            "v* runs the full forward each step: %s cannot reuse frozen keys/values (%s)",
+            type(model).__name__,
+            str(error).splitlines()[0],
+        )
         return False
-    wanted = expected[valid]
-    # a cache or mask the model code mishandles moves hidden states by O(their size); TF32 rounding ~1e-3, bfloat16 ~1e-2
+    # a cache or mask the model code mishandles moves hidden states by O(their size);
+    # TF32 rounding ~1e-3, bfloat16 ~1e-2
     exact = torch.get_float32_matmul_precision() == "highest" or got.dtype == torch.float64
     tolerance = 5e-2 if bf16 else 1e-3 if exact else 1e-2
     if got.shape != wanted.shape or (got - wanted).abs().max() > tolerance * wanted.abs().max():
-        log.warning("v* runs the full forward each step: %s gives other hidden states from frozen keys/values",
-                    type(model).__name__)
+        log.warning(
+            "v* runs the full forward each step: %s gives other hidden states from frozen keys/values",
+            type(model).__name__,
+        )
         return False
     return True
 
 
 @contextlib.contextmanager
-def frozen_context(model, layer: int, batch: dict, bf16: bool = False, pad: bool = False, role: str = "rewrite"):
-    """Yield the LiveBatch of `batch` (from build_value_batch); layers 0..L-1 replay inside the block.
+def frozen_context(model, layer: int, batch: ValueBatch, bf16: bool = False, pad: bool = False, role: str = "rewrite"):
+    """Yield the LiveBatch of `batch`; layers 0..L-1 replay inside the block.
     bf16: the frozen run's products under bfloat16 autocast (for a bf16 fit; its hidden states are float32).
     role: the module δ shifts at layer L (its input and output give the keys and v₀).
     pad: sizes rounded up to BUCKETS (the same losses: the padding is masked out or weighted 0).
@@ -218,12 +229,6 @@ def frozen_context(model, layer: int, batch: dict, bf16: bool = False, pad: bool
     reproduce the full run from frozen keys/values; checked on its first use (`can_freeze` is then
     false for the class, so the check's full forward is not paid again).
     """
-    first, lengths = batch["subject_pos"], batch["attention_mask"].sum(dim=1)
-    n_frozen, n_live = int(first.max()), int((lengths - first).max())
-    n_prompts, n_target = batch["target_pos"].shape
-    if pad:
-        n_frozen, n_live = _round_up(n_frozen, BUCKETS["frozen"]), _round_up(n_live, BUCKETS["live"])
-        n_target = _round_up(n_target, BUCKETS["target"])
     checked = _model_key(model)
     try:
         run = _frozen_run(model, layer, batch, module_name(model, role, layer), bf16)
@@ -232,34 +237,53 @@ def frozen_context(model, layer: int, batch: dict, bf16: bool = False, pad: bool
         _CHECKED[checked] = False
         yield None
         return
-    offsets = torch.arange(n_live, device=first.device)
-    positions = first[:, None] + offsets  # (rows, n_live)
-    index = positions.clamp(max=batch["input_ids"].shape[1] - 1)
-    live_hidden = run.layer_input.gather(1, index[..., None].expand(-1, -1, run.layer_input.shape[-1]))
-    mask = _step_mask(_live_mask(first, n_frozen, n_live), attention_mask_kind(model), live_hidden.dtype, bf16)
-    cache = FrozenKeysValues([_first_keys(k, n_frozen) for k in run.keys], [_first_keys(v, n_frozen) for v in run.values])
-    target_ids, target_pos, target_weight = _padded_targets(batch["target_ids"], batch["target_pos"] - first[:n_prompts, None], n_target)
-    live = LiveBatch(
-        inputs={"input_ids": batch["input_ids"].gather(1, index), "position_ids": positions, "attention_mask": mask,
-                cache_parameter(model.forward) or "past_key_values": cache, "use_cache": True},
-        subject_pos=torch.zeros_like(first), target_pos=target_pos, target_ids=target_ids, target_weight=target_weight,
-        initial_final_hidden=run.final_hidden[torch.arange(len(first), device=first.device), first], layer_input=live_hidden,
-        cache=cache, template_keys=run.rewrite_input[torch.arange(n_prompts, device=first.device), first[:n_prompts]],
-        initial_value=run.rewrite_output[0, first[0]], prompt_final_hidden=run.final_hidden[0, batch["target_pos"][0]])
+    live = _live_batch(model, batch, run, bf16, pad)
     layers = get_module(model, architecture_of(model).layers)
     originals = [layers[i] for i in range(layer)]
     try:
         for i in range(layer):
-            layers[i] = _Replay(live_hidden if i == layer - 1 else None, run.as_tuple)
+            layers[i] = _Replay(live.layer_input if i == layer - 1 else None, run.as_tuple)
         if checked not in _CHECKED:
-            valid = positions < lengths[:, None]
-            expected = run.final_hidden.gather(1, index[..., None].expand(-1, -1, run.final_hidden.shape[-1]))
-            _CHECKED[checked] = _replays_the_full_run(model, live, expected, valid, bf16)
+            _CHECKED[checked] = _replays_the_full_run(model, live, batch, bf16)
             if not _CHECKED[checked]:
                 _restore(layers, originals)
         yield live if _CHECKED[checked] else None
     finally:
         _restore(layers, originals)
+
+
+def _live_batch(model, batch: ValueBatch, run: FrozenRun, bf16: bool, pad: bool) -> LiveBatch:
+    """The live positions of `batch` (each row from its subject's last token on) and their frozen context."""
+    first, lengths = batch.subject_pos, batch.attention_mask.sum(dim=1)
+    n_frozen, n_live, n_target = int(first.max()), int((lengths - first).max()), batch.target_ids.shape[1]
+    if pad:
+        n_frozen, n_live = _round_up(n_frozen, BUCKETS["frozen"]), _round_up(n_live, BUCKETS["live"])
+        n_target = _round_up(n_target, BUCKETS["target"])
+    positions = first[:, None] + torch.arange(n_live, device=first.device)  # (rows, n_live)
+    index = positions.clamp(max=batch.input_ids.shape[1] - 1)
+    live_hidden = run.layer_input.gather(1, index[..., None].expand(-1, -1, run.layer_input.shape[-1]))
+    mask = _step_mask(prefix_causal_mask(first, n_frozen, n_live), attention_mask_kind(model), live_hidden.dtype, bf16)
+    cache = PrefixCache([_first_keys(k, n_frozen) for k in run.keys], [_first_keys(v, n_frozen) for v in run.values])
+    n_rows = len(batch.target_pos)  # the templated prompts' rows come first
+    target_ids, target_pos, target_weight = _padded_targets(
+        batch.target_ids, batch.target_pos - first[:n_rows, None], batch.target_weight, n_target
+    )
+    return LiveBatch(
+        inputs={
+            "input_ids": batch.input_ids.gather(1, index),
+            "position_ids": positions,
+            "attention_mask": mask,
+            cache_parameter(model.forward) or "past_key_values": cache,
+            "use_cache": True,
+        },
+        subject_pos=torch.zeros_like(first),
+        target_pos=target_pos,
+        target_ids=target_ids,
+        target_weight=target_weight,
+        layer_input=live_hidden,
+        cache=cache,
+        zero_run=ZeroRun(run.rewrite_input, run.rewrite_output, run.final_hidden),
+    )
 
 
 def _restore(layers, originals: list) -> None:

@@ -6,6 +6,7 @@ layer of every v* step. `torch.nn.functional.gelu(x, approximate="tanh")` is the
 one kernel each way. On a GPU, where a v* step is hundreds of small kernels, that is a real share
 of the step; the function itself does not change (tested in float64).
 """
+
 import contextlib
 
 import torch

@@ -16,6 +16,7 @@ On the CPU, PyTorch's fused attention kernel is ~7× slower backward in bfloat16
 at these shapes (a few queries against a few dozen keys), so attention there runs through the
 math backend, whose matrix products are bfloat16 too.
 """
+
 import contextlib
 import logging
 
@@ -89,7 +90,10 @@ def _bf16_copies(originals, kept: dict | None) -> list[torch.nn.Parameter]:
         for *_, weight in originals:
             entry = kept.get(id(weight))
             if entry is None or entry[0] is not weight:
-                entry = kept[id(weight)] = (weight, torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False))
+                entry = kept[id(weight)] = (
+                    weight,
+                    torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False),
+                )
             else:
                 entry[1].copy_(weight)  # edits change the float32 weights in place between fits
             copies.append(entry[1])

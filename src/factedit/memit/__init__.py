@@ -1,0 +1,56 @@
+"""MEMIT: many facts per edit, written into the MLPs of a range of layers (Meng et al., 2023).
+
+from factedit import load_model, memit
+model, tokenizer = load_model("smollm2_135m")
+edits = memit.edit(model, tokenizer, facts, batch_size=100)   # stats/ must hold C for each layer
+revert_edits(model, edits.backup)                              # bit-exact restore
+"""
+
+from factedit.errors import FacteditError
+from factedit.memit.memit import edit_batch, residual_stream
+from factedit.memit.update import memit_update, null_space_update
+from factedit.rome.edits import Edits, WeightBackup, revert_edits
+from factedit.rome.facts import as_facts
+from factedit.rome.hparams import MemitHparams, resolve_hparams
+from factedit.stats.files import second_moment_from
+
+__all__ = ["edit", "edit_batch", "memit_update", "null_space_update", "residual_stream"]
+
+
+def edit(model, tokenizer, facts, stats=None, hparams=None, *, batch_size: int | None = None,
+         edited_outer: dict | None = None, trainer_kwargs=None) -> Edits:  # fmt: skip
+    """Write `facts` with MEMIT, `batch_size` at a time (default: all in one batch), and apply them.
+
+    stats: {layer: C}, a callable layer -> C, or None (the stats files of hparams.layers). hparams:
+    overrides of the model's MEMIT options (MemitHparams). edited_outer: {layer: Σ k kᵀ} of keys edited
+    earlier in a run (preserve=null_space keeps them; updated in place). On an error the weights are
+    as they were; `revert_edits(model, edits.backup)` undoes the edits exactly.
+    """
+    facts = as_facts(facts)
+    check_distinct(facts)
+    hp = resolve_hparams(model, hparams, kind=MemitHparams)
+    second_moments = {layer: second_moment_from(stats, model, layer) for layer in hp.layers}
+    edited_outer = {} if edited_outer is None and hp.preserve == "null_space" else edited_outer
+    size = int(batch_size or len(facts))
+    edits = Edits()
+    edits.backup = WeightBackup()
+    try:
+        for start in range(0, len(facts), size):
+            chunk = facts[start : start + size]
+            edits += edit_batch(model, tokenizer, chunk, second_moments, hp, edits.backup, edited_outer, trainer_kwargs)
+    except BaseException:
+        revert_edits(model, edits.backup)
+        raise
+    return edits
+
+
+def check_distinct(facts) -> None:
+    """Two facts with the same subject and prompt but other new objects cannot both be written."""
+    seen = {}
+    for index, fact in enumerate(facts):
+        other = seen.setdefault((fact.subject, fact.prompt), (index, fact))
+        if other[1].target_new != fact.target_new:
+            raise FacteditError(
+                f"facts {other[0]} ({other[1].name}) and {index} ({fact.name}) give {fact.text!r} two new objects "
+                f"({other[1].target_new!r}, {fact.target_new!r}): keep one"
+            )

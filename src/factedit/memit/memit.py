@@ -1,0 +1,89 @@
+"""MEMIT (Meng, Sharma, Andonian, Belinkov, Bau, 2023): a batch of facts into the MLPs of several layers.
+
+templates  rome/context.py        as ROME (MEMIT's own: the bare prompt and 5 prefixes of 10 tokens)
+z = v₀+δ   rome/compute_value.py  one fit for the whole batch, δ_f added to the residual stream after
+                                  the last layer L of `layers`, at fact f's subject (one δ per fact)
+then per layer l of `layers`, in order, each on the weights the layers before it changed:
+  K_l      rome/compute_key.py    k̄ of every fact at layer l
+  R_l      (z − h_L) / (layers left), h_L the residual stream at L now: each layer takes its share
+  ΔW_l     memit/update.py        covariance-weighted least squares (or AlphaEdit's null-space update)
+"""
+
+import logging
+import time
+
+import torch
+
+from factedit.architectures import as_out_in, check_layer, get_module, module_name
+from factedit.hooks import run_until
+from factedit.memit.update import memit_update, null_space_update
+from factedit.rome.compute_key import batch_keys
+from factedit.rome.compute_value import compute_value
+from factedit.rome.context import context_templates
+from factedit.rome.edits import Edit, WeightBackup, apply_edits
+from factedit.rome.fast import value_engine
+from factedit.rome.hparams import MemitHparams
+from factedit.rome.preserve import null_space_projector
+from factedit.rome.value_batch import ValueBatch, value_batch
+
+log = logging.getLogger(__name__)
+
+
+def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, backup: WeightBackup,
+               edited_outer: dict | None = None, trainer_kwargs=None) -> list[Edit]:  # fmt: skip
+    """Write `facts` (one batch) with MEMIT and apply the edits (their weights' originals go to `backup`).
+
+    second_moments: {layer: C}; edited_outer: {layer: Σ k kᵀ} of the keys written earlier in the run
+    (preserve=null_space), updated with this batch's. Returns one Edit per layer, ΔW = V Uᵀ of rank ≤ F.
+    """
+    layers, start = [check_layer(model, layer) for layer in hp.layers], time.perf_counter()
+    templates = context_templates(model, tokenizer, hp.context_templates, seed=hp.seed)
+    batch = value_batch(tokenizer, facts, templates, model.device)
+    with value_engine(model, layers[-1], batch, hp) as engine:  # δ at the residual stream after the last layer
+        value = compute_value(engine, facts, trainer_kwargs, known="keep")  # a fact already known keeps δ = 0
+    targets, fitted = value.target_value.double(), time.perf_counter()  # z: (F, d_model)
+    written = {"facts": [fact.to_dict() for fact in facts]}
+    edits = []
+    for index, layer in enumerate(layers):
+        keys = batch_keys(model, batch, layer)  # (F, d_mlp) on the weights as edited so far
+        residuals = (targets - residual_stream(model, batch, layers[-1])) / (len(layers) - index)
+        if hp.preserve == "null_space":
+            projector = null_space_projector(second_moments[layer], hp.null_space_threshold)
+            outer = (edited_outer or {}).get(layer)
+            u, v = null_space_update(projector, keys, residuals, outer, hp.null_space_l2)
+        else:
+            u, v = memit_update(second_moments[layer], keys, residuals, hp.mom2_update_weight)
+        info = {"layer_of": len(layers), "hparams": hp.to_dict(), "v_steps": [len(h) for h in value.histories],
+                "p_target": [h[-1]["p_target"] if h else None for h in value.histories]}  # fmt: skip
+        name = module_name(model, "rewrite", layer)
+        made = Edit(layer, name, u.cpu(), v.cpu(), written, info, key=keys.cpu(), written_keys=keys.cpu())
+        apply_edits(model, [made], backup)
+        made.target_value = _written_values(model, made).cpu()
+        edits.append(made)
+    if edited_outer is not None:  # AlphaEdit: the keys as the edited model now computes them
+        for layer in layers:
+            keys = batch_keys(model, batch, layer)
+            edited_outer[layer] = keys.T @ keys + edited_outer.get(layer, 0)
+    _log_batch(value, edits, fitted - start, time.perf_counter() - fitted)
+    return edits
+
+
+@torch.no_grad()
+def residual_stream(model, batch: ValueBatch, layer: int) -> torch.Tensor:
+    """h: the output of decoder layer `layer` at each fact's subject in its bare prompt, (F, d_model) float64."""
+    bare, name = batch.bare_rows, module_name(model, "layer", layer)
+    output = run_until(model, name, retain_input=False, input_ids=batch.input_ids[bare],
+                       attention_mask=batch.attention_mask[bare])[name].output  # fmt: skip
+    return output[torch.arange(len(bare), device=output.device), batch.subject_pos[bare]].double()
+
+
+def _written_values(model, edit: Edit) -> torch.Tensor:
+    """(W + ΔW) K: what the batch's keys give at this layer now, (F, d_model)."""
+    weight = as_out_in(model, get_module(model, edit.module).weight).double()
+    return edit.key.to(weight) @ weight.T
+
+
+def _log_batch(value, edits: list[Edit], fit_seconds: float, update_seconds: float) -> None:
+    steps = [len(history) for history in value.histories]
+    log.info("MEMIT: %d facts into layers %s: v* %.1fs (%d-%d steps), update %.1fs", len(steps),
+             [e.layer for e in edits], fit_seconds, min(steps), max(steps), update_seconds)  # fmt: skip

@@ -1,0 +1,182 @@
+"""MEMIT and null-space preservation on tiny float64 models, against ROME and closed-form references."""
+
+import pytest
+import torch
+
+from factedit import FacteditError, load_model, memit
+from factedit.architectures import as_out_in, rewrite_weight
+from factedit.memit import memit_update, null_space_update, residual_stream
+from factedit.rome import Fact, edit, revert_edits
+from factedit.rome.compute_key import batch_keys, reference_key
+from factedit.rome.preserve import null_space_projector, without_keys
+from factedit.rome.update import delta_weight, rank_one_update
+from factedit.rome.value_batch import value_batch
+
+FACTS = [
+    Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Rome"),
+    Fact(subject="Colosseum", prompt="The {} is located in the city of", target_new="Athens"),
+    Fact(subject="Louvre", prompt="The {} is a museum in", target_new="London"),
+]
+TEMPLATES = [[3, 2]]
+
+
+def second_moment(d, rank=None, seed=0, tokens=600):
+    """E[k kᵀ] of random keys; with `rank`, keys confined (up to 1e-4 noise) to a random rank-r subspace."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(tokens, d, generator=generator, dtype=torch.float64)
+    if rank is not None:
+        basis = torch.linalg.qr(torch.randn(d, rank, generator=generator, dtype=torch.float64)).Q
+        keys = keys[:, :rank] @ basis.T + 1e-4 * torch.randn(tokens, d, generator=generator, dtype=torch.float64)
+    return keys.T @ keys / tokens
+
+
+@pytest.fixture
+def tiny():
+    return load_model("tiny_llama", dtype=torch.float64)
+
+
+def test_memit_least_squares_is_sherman_morrison_for_one_key():
+    """ΔW = R Kᵀ (λC + KKᵀ)⁻¹ for one key is r (C⁻¹k)ᵀ / (λ + kᵀC⁻¹k): ROME's update as λ → 0."""
+    g = torch.Generator().manual_seed(0)
+    c, key, residual = (
+        second_moment(12),
+        torch.randn(12, generator=g, dtype=torch.float64),
+        torch.randn(5, generator=g, dtype=torch.float64),
+    )
+    whitened = torch.linalg.solve(c, key)
+    for weight in (1.0, 250.0):
+        u, v = memit_update(c, key[None], residual[None], weight)
+        expected = torch.outer(residual, whitened) / (weight + key @ whitened)
+        assert torch.allclose(delta_weight(u, v), expected, rtol=0, atol=1e-12)
+    w = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    rome = delta_weight(*rank_one_update(w, c, key, w @ key + residual))
+    assert torch.allclose(delta_weight(*memit_update(c, key[None], residual[None], 1e-6)), rome, rtol=1e-5, atol=1e-12)
+
+
+def test_memit_with_one_fact_and_one_layer_equals_rome(tiny):
+    """The same v* (δ at the MLP output = δ at the layer output, clamp and weight decay off), the same
+    key and residual: MEMIT's edit at one layer is ROME's (update=fixed) up to λ in the denominator."""
+    model, tokenizer = tiny
+    c = second_moment(128, seed=1)
+    common = dict(
+        v_num_grad_steps=6, context_templates=TEMPLATES, clamp_norm_factor=1e6, v_weight_decay=0.0, bf16=False
+    )
+    rome = edit(model, tokenizer, FACTS[0], stats={1: c}, hparams={**common, "layer": 1, "update": "fixed"})
+    rome_delta = delta_weight(rome[0].u, rome[0].v)
+    revert_edits(model, rome.backup)
+    made = memit.edit(
+        model, tokenizer, FACTS[0], stats={1: c}, hparams={**common, "layers": [1], "mom2_update_weight": 1e-9}
+    )
+    memit_delta = delta_weight(made[0].u, made[0].v)
+    revert_edits(model, made.backup)
+    assert len(made) == 1 and made[0].u.shape == (128, 1) and memit_delta.abs().max() > 1e-3
+    assert torch.allclose(memit_delta, rome_delta, rtol=1e-6, atol=1e-8 * rome_delta.abs().max())
+
+
+def test_memit_writes_each_fact_across_its_layers_and_reverts_bitwise(tiny):
+    """A 3-fact batch into layers 1-2: one edit per layer, each of rank ≤ 3 with (W + ΔW)K = target_value,
+    the last layer's written values move each fact's residual stream toward its v*, and revert restores every bit."""
+    model, tokenizer = tiny
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    stats = {1: second_moment(128, seed=1), 2: second_moment(128, seed=2)}
+    hparams = dict(layers=[1, 2], v_num_grad_steps=4, context_templates=TEMPLATES, mom2_update_weight=1e-6, bf16=False)
+    from factedit.rome.context import context_templates
+
+    batch = value_batch(tokenizer, FACTS, context_templates(model, tokenizer, TEMPLATES, seed=0))
+    start = residual_stream(model, batch, 2)
+    made = memit.edit(model, tokenizer, FACTS, stats=stats, hparams=hparams)
+    moved = residual_stream(model, batch, 2) - start
+    assert all(m.norm() > 0 for m in moved)
+    assert [e.layer for e in made] == [1, 2] and all(e.u.shape == (128, 3) and e.v.shape == (64, 3) for e in made)
+    for e in made:
+        assert torch.linalg.matrix_rank(delta_weight(e.u, e.v)) <= 3
+        assert torch.allclose(e.target_value, e.key @ as_out_in(model, rewrite_weight(model, e.layer)).double().T)
+    revert_edits(model, made.backup)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_batch_keys_equal_the_reference_keys(tiny):
+    model, tokenizer = tiny
+    from factedit.rome.context import context_templates
+
+    templates = context_templates(model, tokenizer, TEMPLATES, seed=0)
+    batch = value_batch(tokenizer, FACTS, templates)
+    keys = batch_keys(model, batch, 2)
+    for fact, key in zip(FACTS, keys):
+        assert torch.allclose(key, reference_key(model, tokenizer, fact.prompt, fact.subject, 2, templates), atol=1e-12)
+    assert residual_stream(model, batch, 1).shape == (3, 64)
+
+
+def test_null_space_update_leaves_preserved_keys_alone():
+    """With C from keys in a rank-40 subspace of 64 dims, P spans the other 24: an update through P gives
+    those keys (and C itself) no change, for MEMIT's batch update and for ROME's rank-one update."""
+    c = second_moment(64, rank=40, seed=3)
+    projector = null_space_projector(c, threshold=1e-3)
+    assert torch.linalg.matrix_rank(projector) == 24 and torch.allclose(projector @ projector, projector, atol=1e-10)
+    g = torch.Generator().manual_seed(4)
+    keys, residuals = (
+        torch.randn(3, 64, generator=g, dtype=torch.float64),
+        torch.randn(3, 8, generator=g, dtype=torch.float64),
+    )
+    u, v = null_space_update(projector, keys, residuals, None, l2=1e-3)
+    change = delta_weight(u, v)
+    assert (change @ c @ change.T).trace() < 1e-6 * (change @ change.T).trace()  # preserved keys: E‖ΔW k‖² ≈ 0
+    written = keys @ change.T  # the batch's keys do get most of their residuals (up to the L2 term)
+    assert torch.nn.functional.cosine_similarity(written.flatten(), residuals.flatten(), dim=0) > 0.99
+    weight = torch.randn(8, 64, generator=g, dtype=torch.float64)
+    rank_one = delta_weight(*rank_one_update(weight, c, keys[0], weight @ keys[0] + residuals[0], projector=projector))
+    assert torch.allclose(rank_one @ keys[0], residuals[0], atol=1e-10)  # ROME still writes its pair exactly
+    assert (rank_one @ c @ rank_one.T).trace() < 1e-6 * (rank_one @ rank_one.T).trace()
+
+
+def test_edited_keys_are_kept_by_later_null_space_edits():
+    """ROME with preserve=null_space narrows P by the keys written before: a later edit cannot move them."""
+    c = second_moment(64, rank=30, seed=5)
+    g = torch.Generator().manual_seed(6)
+    earlier = torch.randn(4, 64, generator=g, dtype=torch.float64)
+    narrowed = without_keys(null_space_projector(c, 1e-3), earlier.T @ earlier)
+    key, residual, weight = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((64,), (8,), (8, 64)))
+    change = delta_weight(*rank_one_update(weight, c, key, weight @ key + residual, projector=narrowed))
+    assert torch.allclose(change @ key, residual, atol=1e-9) and (change @ earlier.T).abs().max() < 1e-9
+    # MEMIT's AlphaEdit update carries them softly: far less change on them than without carrying
+    keys, residuals = (
+        torch.randn(3, 64, generator=g, dtype=torch.float64),
+        torch.randn(3, 8, generator=g, dtype=torch.float64),
+    )
+    projector = null_space_projector(c, 1e-3)
+    carried = delta_weight(*null_space_update(projector, keys, residuals, 1e3 * earlier.T @ earlier, l2=1e-2))
+    free = delta_weight(*null_space_update(projector, keys, residuals, None, l2=1e-2))
+    assert (carried @ earlier.T).norm() < 0.05 * (free @ earlier.T).norm()
+
+
+def test_two_facts_with_one_prompt_and_two_objects_are_refused(tiny):
+    model, tokenizer = tiny
+    other = Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Madrid")
+    with pytest.raises(FacteditError, match="two new objects"):
+        memit.edit(model, tokenizer, [FACTS[0], other], stats={1: torch.eye(128)}, hparams={"layers": [1]})
+
+
+def test_null_space_threshold_that_leaves_nothing_is_one_line(tiny):
+    with pytest.raises(FacteditError, match="leaves no null space: raise it"):
+        null_space_projector(torch.eye(16, dtype=torch.float64), 0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_memit_batch_fit_under_cuda_graphs_equals_eager():
+    """A batch of facts fitted as one replayed CUDA graph gives the eager fit's steps and edits (float32
+    without TF32: equal up to rounding). The random model sits near NLL 10.5-11, so a threshold of 10.7
+    stops one fact after its first step while the others run on."""
+    model, tokenizer = load_model("tiny_llama", device="cuda")
+    stats = {layer: torch.eye(128, dtype=torch.float64, device="cuda") for layer in (1, 2)}
+    results = []
+    for graphed in (False, True):
+        hparams = dict(layers=[1, 2], context_templates=TEMPLATES, v_num_grad_steps=12, loss_threshold=10.7,
+                       tf32=False, bf16=False, cuda_graph=graphed, graph_cache=0)  # fmt: skip
+        edits = memit.edit(model, tokenizer, FACTS, stats=stats, hparams=hparams)
+        results.append(([e.info["v_steps"] for e in edits], [delta_weight(e.u, e.v) for e in edits]))
+        revert_edits(model, edits.backup)
+    torch.cuda.synchronize()
+    (eager_steps, eager_deltas), (graph_steps, graph_deltas) = results
+    assert eager_steps == graph_steps and len(set(eager_steps[0])) > 1  # the facts stopped at different steps
+    for eager, graphed in zip(eager_deltas, graph_deltas):
+        assert torch.allclose(graphed, eager, rtol=1e-4, atol=1e-5 * eager.abs().max().item())

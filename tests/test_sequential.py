@@ -1,0 +1,96 @@
+"""Lifelong editing (evaluate.py sequential=true) and zsRE: resume after SIGKILL, curves, token accuracy."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from factedit import load_model
+from factedit.data.zsre import load_zsre
+from factedit.evaluation.probabilities import token_accuracies, zsre_scores
+from factedit.io import read_safetensors
+from factedit.paths import REPO_ROOT, SHARED_DATA_DIR
+
+TRAIN = SHARED_DATA_DIR / "counterfact" / "counterfact-train.json"
+
+
+def command(tmp_path, name, *extra):
+    return [sys.executable, str(REPO_ROOT / "src" / "evaluate.py"), "model=tiny_llama", "editor=memit",
+            "editor.layers=[1,2]", "editor.v_num_grad_steps=3", "editor.context_templates=[[3,2]]",
+            "editor.preserve=null_space", "editor.null_space_threshold=1.5", "sequential=true", f"data.path={TRAIN}",
+            "data.limit=9", "batch_size=3", "checkpoint_every=3", "control_records=2", "perplexity_tokens=1024",
+            "generation_prompts=2", "generation_tokens=10", "stats.auto=true", "stats.auto_tokens=4096",
+            f"stats.dir={tmp_path / 'stats'}", f"out_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / 'hydra'}",
+            *extra]  # fmt: skip
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
+
+
+def test_sequential_run_killed_midway_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    """kill -9 after the first step is saved; the same command continues from there and ends with the same
+    edits, bit for bit (null-space state included), and a curve line at 0, 3, 6 and 9 edits."""
+    whole = subprocess.run(command(tmp_path, "whole"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    process = subprocess.Popen(
+        command(tmp_path, "killed"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    state = tmp_path / "killed" / "run.safetensors"
+    deadline = time.time() + 400
+    while not state.is_file() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = int(read_safetensors(state)[1]["records_done"])
+    assert 3 <= done < 9  # killed in the middle
+    resumed = subprocess.run(command(tmp_path, "killed"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (a, meta_a), (b, meta_b) = (read_safetensors(tmp_path / name / "run.safetensors") for name in ("whole", "killed"))
+    assert meta_a["records_done"] == meta_b["records_done"] == "9" and a.keys() == b.keys()
+    assert any(name.startswith("preserved.") for name in a) and all(torch.equal(a[k], b[k]) for k in a)
+    curve = [json.loads(line) for line in (tmp_path / "killed" / "curve.jsonl").read_text().splitlines()]
+    assert sorted({line["edits"] for line in curve}) == [0, 3, 6, 9]
+    table = (tmp_path / "whole" / "curve.md").read_text()
+    assert "| 9 |" in table and (tmp_path / "whole" / "curve.png").stat().st_size > 10_000
+
+
+def test_zsre_loader_and_token_accuracy(tmp_path, tiny_llama):
+    """Two hand-made records (a third without its subject in the question is skipped); the token accuracy
+    is the share of answer tokens that are the argmax after the question and the answer tokens before them."""
+    items = [
+        {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "unmanned aircraft",
+         "answers": ["uniform"], "rephrase": "What will be the product of UniFirst?", "loc": "nq question: who sang",
+         "loc_ans": "Walter Sobchak",
+         "portability": {"New Question": "What flies for UniFirst?", "New Answer": "drones"}},
+        {"subject": "Danny Green", "src": "Which team does Danny Green play for?", "alt": "Toronto Raptors",
+         "answers": ["Spurs"], "rephrase": "Danny Green plays for which team?",
+         "loc": "nq question: where is", "loc_ans": "Paris"},
+        {"subject": "Nobody", "src": "Where is it?", "alt": "here", "answers": ["there"], "rephrase": "Where?",
+         "loc": "nq question: x", "loc_ans": "y"},
+    ]  # fmt: skip
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps(items))
+    records, skipped = load_zsre(path)
+    assert [r.prompt for r in records] == ["What is the product made by {}?", "Which team does {} play for?"]
+    assert records[0].portability_target == "drones" and not records[1].portability_prompts and len(skipped) == 1
+    model, tokenizer = tiny_llama
+    accuracy = token_accuracies(model, tokenizer, [(records[0].text, records[0].target_new)]).item()
+    prompt = tokenizer(records[0].text)["input_ids"]
+    target = tokenizer(" " + records[0].target_new, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + target[:-1]])).logits[0, len(prompt) - 1 :]
+    assert accuracy == (logits.argmax(-1) == torch.tensor(target)).double().mean().item()
+    scores = zsre_scores(model, tokenizer, records[1])
+    assert set(scores) == {"efficacy_accuracy", "paraphrase_accuracy", "neighborhood_accuracy", "portability_accuracy"}
+    assert scores["portability_accuracy"] != scores["portability_accuracy"]  # NaN: no portability question
+    assert 0 <= scores["efficacy_accuracy"] <= 1
+
+
+def test_zsre_file_loads_with_portability():
+    records, skipped = load_zsre(limit=40)
+    assert len(records) + len(skipped) == 40 and sum(bool(r.portability_prompts) for r in records) > 30
+    assert load_model  # the package loads its zsRE file without the network
