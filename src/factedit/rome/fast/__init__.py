@@ -42,6 +42,8 @@ _FIT_TRAINER = dict(max_epochs=1, devices=1, logger=False, enable_checkpointing=
 class EagerSteps:
     """Each step runs as it is called, and its losses are read at once."""
 
+    graph_use = None  # no graph (GraphSteps: "captured" or "kept")
+
     def __init__(self, step, optimizer, state):
         self._step, self._optimizer, self._state = step, optimizer, state
 
