@@ -1,5 +1,6 @@
 """The real entry point, run as a user would: edit, resume (sequential), revert, and bad input."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,8 @@ def test_saved_work_is_never_overwritten(edited_run):
         (["fact.prompt=Where is it?"], "exactly one '{}'"),
         (["fact.target_new=Paris"], "target_new equals target_true"),
         (["model.rome.layer=40"], "layer 40 is out of range"),
+        (["editor=memit", "editor.layers=[1,40]"], "layer 40 is out of range"),
+        (["editor=memit", "editor.layers=[1,2]"], "run `python src/precompute_stats.py model=tiny_llama layers=[1,2]`"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, overrides, message):
@@ -92,3 +95,24 @@ def test_unknown_model_lists_the_registry(tmp_path):
 def test_missing_statistics_names_the_command(tmp_path):
     result = run_edit("model=tiny_llama", f"stats.dir={tmp_path}", f"run={tmp_path / 'x'}", check=False)
     assert result.returncode == 2 and "python src/precompute_stats.py model=tiny_llama layers=[1]" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "facts, overrides, message",
+    [
+        (2, ["batch_size=5"], "batch_size=5 for 2 facts: use 1..2"),
+        (1, [], "two new objects ('Rome', 'Athens')"),
+    ],
+)
+def test_memit_bad_batches_are_one_line(tmp_path, facts, overrides, message):
+    """A batch larger than the facts, and one subject+prompt with two new objects (naming both facts)."""
+    rome = {"subject": "Eiffel Tower", "prompt": "{} is located in", "target_new": "Rome"}
+    other = {"subject": "Louvre", "prompt": "{} is located in", "target_new": "Athens"} if facts == 2 else None
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps([rome, other or {**rome, "target_new": "Athens"}]))
+    common = ["model=tiny_llama", "editor=memit", "editor.layers=[1]", f"stats.dir={tmp_path / 'stats'}"]
+    result = run_edit(*common, "stats.auto=true", "stats.auto_tokens=2048", f"facts={path}", f"run={tmp_path / 'x'}",
+                      *overrides, check=False)  # fmt: skip
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()

@@ -28,6 +28,7 @@ from factedit.errors import FacteditError
 from factedit.rome import MemitHparams, RomeHparams, WeightBackup, apply_edits, edit, resolve_hparams
 from factedit.rome.context import context_templates
 from factedit.stats import second_moment_for
+from factedit.stats.files import second_moments
 
 log = logging.getLogger(__name__)
 NAMES = ("rome", "memit", "ft", "ft_l", "attn_late", "none")
@@ -165,7 +166,8 @@ def make_editor(cfg, model, tokenizer):
         options = {**OmegaConf.to_container(cfg.editor, resolve=True), "seed": int(cfg.seed)}
         hparams = resolve_hparams(model, options, model_rome=cfg.model.get("memit"), kind=MemitHparams)
         return MemitEdit(
-            hparams, {layer: second_moment_for(model, tokenizer, layer, cfg.stats) for layer in hparams.layers}
+            hparams,
+            second_moments(model, hparams.layers, lambda layer: second_moment_for(model, tokenizer, layer, cfg.stats)),
         )
     if name == "rome":
         hparams = rome_hparams(cfg, model)

@@ -128,6 +128,9 @@ def run_sequential(cfg, model, tokenizer, editor, records, control, out_dir: Pat
     size, every, zsre = int(cfg.batch_size), int(cfg.checkpoint_every), cfg.data.get("kind") == "zsre"
     if size < 1 or every < 1:
         raise FacteditError(f"batch_size={size}, checkpoint_every={every}: both must be >= 1")
+    if size > len(records):
+        n = len(records)
+        raise FacteditError(f"batch_size={size} is larger than the {n} records: use batch_size<={n} or more records")
     editor.prepare(model, tokenizer)  # context templates and C from the base weights, as an uninterrupted run
     run = SequentialRun(out_dir)
     done, edits, edited_outer = run.load(model, base_fingerprint)

@@ -12,7 +12,7 @@ from factedit.memit.update import memit_update, null_space_update
 from factedit.rome.edits import Edits, WeightBackup, revert_edits
 from factedit.rome.facts import as_facts
 from factedit.rome.hparams import MemitHparams, resolve_hparams
-from factedit.stats.files import second_moment_from
+from factedit.stats.files import second_moment_from, second_moments
 
 __all__ = ["edit", "edit_batch", "memit_update", "null_space_update", "residual_stream"]
 
@@ -29,9 +29,11 @@ def edit(model, tokenizer, facts, stats=None, hparams=None, *, batch_size: int |
     facts = as_facts(facts)
     check_distinct(facts)
     hp = resolve_hparams(model, hparams, kind=MemitHparams)
-    second_moments = {layer: second_moment_from(stats, model, layer) for layer in hp.layers}
+    second_moments = _second_moments(model, stats, hp.layers)
     edited_outer = {} if edited_outer is None and hp.preserve == "null_space" else edited_outer
     size = int(batch_size or len(facts))
+    if not 1 <= size <= len(facts):
+        raise FacteditError(f"batch_size={size} for {len(facts)} facts: use 1..{len(facts)}")
     edits = Edits()
     edits.backup = WeightBackup()
     try:
@@ -42,6 +44,15 @@ def edit(model, tokenizer, facts, stats=None, hparams=None, *, batch_size: int |
         revert_edits(model, edits.backup)
         raise
     return edits
+
+
+def _second_moments(model, stats, layers) -> dict:
+    if isinstance(stats, dict) and set(layers) - set(stats):
+        missing = sorted(set(layers) - set(stats))
+        raise FacteditError(
+            f"stats has no C for layers {missing} of the MEMIT range {list(layers)}: pass one per layer"
+        )
+    return second_moments(model, layers, lambda layer: second_moment_from(stats, model, layer))
 
 
 def check_distinct(facts) -> None:

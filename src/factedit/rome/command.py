@@ -18,6 +18,7 @@ from factedit.rome.facts import fact_from_config, load_facts
 from factedit.rome.hparams import MemitHparams, RomeHparams, resolve_hparams
 from factedit.rome.rome import edit
 from factedit.stats import second_moment_for
+from factedit.stats.files import second_moments
 
 log = logging.getLogger("factedit.edit")
 
@@ -106,7 +107,7 @@ def _writer(cfg, model, tokenizer):
     hparams = resolve_hparams(model, options, model_rome=cfg.model.get(name), kind=kind)
     log.info("%s options: %s", name.upper(), ", ".join(f"{k}={v}" for k, v in hparams.to_dict().items()))
     layers = hparams.layers if name == "memit" else [hparams.layer]
-    stats = {layer: second_moment_for(model, tokenizer, layer, cfg.stats) for layer in layers}
+    stats = second_moments(model, layers, lambda layer: second_moment_for(model, tokenizer, layer, cfg.stats))
     if name == "memit":
         return lambda facts: memit.edit(model, tokenizer, facts, stats, hparams, batch_size=cfg.get("batch_size"),
                                         trainer_kwargs=trainer)  # fmt: skip

@@ -61,8 +61,10 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".safetensors") + ".partial.safetensors")
 
 
-def fix_command(model: str, layer: int, source: str | None = None, tokens: int | None = None, force=False) -> str:
-    command = f"python src/precompute_stats.py model={model} layers=[{layer}]"
+def fix_command(model: str, layer, source: str | None = None, tokens: int | None = None, force=False) -> str:
+    """The precompute_stats.py command that writes the missing file(s) of `layer` (an int or a list)."""
+    layers = ",".join(str(v) for v in layer) if isinstance(layer, (list, tuple)) else layer
+    command = f"python src/precompute_stats.py model={model} layers=[{layers}]"
     if source and source != DEFAULT_SOURCE:
         command += f" data.source={source}"
     if tokens:
@@ -140,6 +142,14 @@ def result_files(folder: Path) -> list[tuple[str, int, Path]]:
     return [(m["source"], int(m["tokens"]), p) for p in sorted(folder.iterdir()) if (m := _RESULT_NAME.match(p.name))]
 
 
+class MissingStatistics(FacteditError):
+    """No statistics file for a layer; keeps what the fix command needs."""
+
+    def __init__(self, message: str, model: str, layer: int, source: str | None, tokens: int | None):
+        super().__init__(message)
+        self.model, self.layer, self.source, self.tokens = model, layer, source, tokens
+
+
 def load_second_moment(model, layer: int, *, source: str | None = None, tokens: int | None = None,
                        stats_dir=None) -> torch.Tensor:
     """C = E[k kᵀ] for the rewrite module of `layer`: second_moment (d_mlp, d_mlp) float32 on CPU.
@@ -158,8 +168,8 @@ def load_second_moment(model, layer: int, *, source: str | None = None, tokens: 
         found = f" (found only {', '.join(others)})" if others else ""
         if any(folder.glob("*.partial.safetensors")):
             found += " (an interrupted run left a .partial file: the same command continues it)"
-        raise FacteditError(f"no key statistics for {name} layer {layer}{wanted}{found}: "
-                            f"run `{fix_command(name, layer, source, tokens)}`")
+        raise MissingStatistics(f"no key statistics for {name} layer {layer}{wanted}{found}: "
+                                f"run `{fix_command(name, layer, source, tokens)}`", name, layer, source, tokens)
     _, _, path = max(candidates, key=lambda c: (c[1], c[0] == DEFAULT_SOURCE))
     second_moment, _ = read_result(path, model, layer)
     return second_moment
@@ -179,6 +189,24 @@ def second_moment_for(model, tokenizer, layer: int, stats_cfg) -> torch.Tensor:
     log.info("no key statistics yet: computing %d tokens first (stats.auto=true)", stats_cfg.auto_tokens)
     compute_second_moment(model, tokenizer, [layer], max_tokens=int(stats_cfg.auto_tokens), **where)
     return load_second_moment(model, layer, **where)
+
+
+def second_moments(model, layers, load_one) -> dict:
+    """{layer: C} for a range of layers, load_one(layer) -> C; every layer without statistics named in
+    one error with the one command that computes them all."""
+    found, missing = {}, []
+    for layer in [check_layer(model, layer) for layer in layers]:
+        try:
+            found[layer] = load_one(layer)
+        except MissingStatistics as error:
+            missing.append(error)
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        first, layers = missing[0], [error.layer for error in missing]
+        raise FacteditError(f"no key statistics for {first.model} layers {', '.join(map(str, layers))}: "
+                            f"run `{fix_command(first.model, layers, first.source, first.tokens)}`")  # fmt: skip
+    return found
 
 
 def second_moment_from(stats, model, layer: int) -> torch.Tensor:
