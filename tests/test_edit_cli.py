@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from factedit import load_edits, load_model, model_fingerprint
+from factedit.rome.update import delta_weight
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,3 +117,27 @@ def test_memit_bad_batches_are_one_line(tmp_path, facts, overrides, message):
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and last.startswith("error: ") and message in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_memit_fits_shared_over_two_processes_make_the_same_edits(tmp_path):
+    """`trainer=ddp trainer.devices=2` (gloo, two real processes): each fits half of the batch's v*, both
+    gather z and write; the saved edits equal one process's (float32: batch padding differs, so up to rounding)."""
+    facts = [
+        {"subject": "Eiffel Tower", "prompt": "{} is located in the city of", "target_new": "Rome"},
+        {"subject": "Colosseum", "prompt": "The {} is located in the city of", "target_new": "Athens"},
+        {"subject": "Louvre", "prompt": "The {} is a museum in", "target_new": "London"},
+    ]
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps(facts))
+    common = ["model=tiny_llama", "editor=memit", "editor.layers=[1,2]", "editor.v_num_grad_steps=3",
+              "editor.context_templates=[[3,2]]", "editor.bf16=false", f"stats.dir={tmp_path / 'stats'}",
+              "stats.auto=true", "stats.auto_tokens=2048", f"facts={path}", "probe.max_new_tokens=2"]  # fmt: skip
+    run_edit(*common, f"run={tmp_path / 'one'}")
+    shared = run_edit(*common, f"run={tmp_path / 'two'}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
+    assert (shared.stdout + shared.stderr).count("MEMIT: 3 facts into layers [1, 2]") == 2  # both processes wrote
+    (one, _), (two, _) = load_edits(tmp_path / "one"), load_edits(tmp_path / "two")
+    assert [e.layer for e in one] == [e.layer for e in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert a.info["v_steps"] == b.info["v_steps"] == [3, 3, 3] and a.info["p_target"] == b.info["p_target"]
+        delta_a, delta_b = delta_weight(a.u, a.v), delta_weight(b.u, b.v)
+        assert delta_a.norm() > 0 and (delta_a - delta_b).norm() / delta_a.norm() < 1e-4

@@ -472,18 +472,16 @@ def test_failed_edits_are_counted_and_leave_the_weights(tiny_llama):
     evaluator = CounterFactEvaluator(
         model, tokenizer, RefusesCase3(), sorted({r.relation_id for r in records}), pre=False
     )
-    trainer = lightning.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        inference_mode=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _quiet_trainer()
     before = rewrite_weight(model, 1).clone()
     trainer.test(evaluator, datamodule=CounterFactDataModule(records), verbose=False)
     assert evaluator.summary["records"] == 2 and evaluator.summary["failed"] == 1
     assert evaluator.summary["pre"]["efficacy_score"] is None and torch.equal(rewrite_weight(model, 1), before)
+
+
+def _quiet_trainer():
+    return lightning.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=False,
+                             enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
 
 
 class Leaks:
@@ -501,14 +499,7 @@ def test_an_edit_that_is_not_restored_stops_the_run(tiny_llama64):
     model, tokenizer = tiny_llama64
     records, _ = load_records(DEV_FILE, limit=1)
     evaluator = CounterFactEvaluator(model, tokenizer, Leaks(), [records[0].relation_id], pre=False)
-    trainer = lightning.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        inference_mode=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _quiet_trainer()
     with pytest.raises(AssertionError, match="weights changed outside the editor's backup"):
         trainer.test(evaluator, datamodule=CounterFactDataModule(records), verbose=False)
 

@@ -38,6 +38,14 @@ def _atomic_replace(path: Path, write) -> None:
             os.remove(tmp)
 
 
+def read_json(path, fix: str):
+    """A JSON file's content, or a one-line FacteditError ending in `fix` when it cannot be read or parsed."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise FacteditError(f"cannot read {path} ({error}): {fix}") from None
+
+
 def write_json(path, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:

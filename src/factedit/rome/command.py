@@ -4,6 +4,7 @@ import logging
 import time
 from pathlib import Path
 
+import lightning
 import torch
 from omegaconf import OmegaConf
 
@@ -77,13 +78,15 @@ def run(cfg) -> Path | None:
         return None
     out = _output_dir(cfg)
     facts = load_facts(cfg.facts) if cfg.facts else [fact_from_config(cfg.fact)]
-    write = _writer(cfg, model, tokenizer)  # C of the base weights, as ROME and MEMIT
+    write, trainer = _writer(cfg, model, tokenizer)  # C of the base weights, as ROME and MEMIT
     apply_edits(model, prior)
     prompts, kinds = _probe_prompts(facts)
     before = probe(model, tokenizer, prompts, **cfg.probe)
     start = time.perf_counter()
     new = write(facts)
     seconds = time.perf_counter() - start
+    if trainer is not None and trainer.global_rank != 0:
+        return None  # the other processes only fitted their share of v*: process 0 reports and saves
     after = probe(model, tokenizer, prompts, **cfg.probe)
     table = probe_table(before, after, kinds)
     print(table)
@@ -95,7 +98,8 @@ def run(cfg) -> Path | None:
 
 
 def _writer(cfg, model, tokenizer):
-    """The configured editor as facts -> Edits (applied): ROME one fact after another, MEMIT in batches."""
+    """The configured editor as facts -> Edits (applied): ROME one fact after another, MEMIT in batches;
+    and the Trainer of several processes that MEMIT's v* fits are shared out over (None: one process)."""
     options, trainer = (
         {**OmegaConf.to_container(cfg.editor, resolve=True), "seed": cfg.seed},
         {"enable_progress_bar": True},
@@ -109,9 +113,20 @@ def _writer(cfg, model, tokenizer):
     layers = hparams.layers if name == "memit" else [hparams.layer]
     stats = second_moments(model, layers, lambda layer: second_moment_for(model, tokenizer, layer, cfg.stats))
     if name == "memit":
+        processes = _processes_trainer(cfg)
         return lambda facts: memit.edit(model, tokenizer, facts, stats, hparams, batch_size=cfg.get("batch_size"),
-                                        trainer_kwargs=trainer)  # fmt: skip
-    return lambda facts: edit(model, tokenizer, facts, stats, hparams, trainer)
+                                        trainer_kwargs=trainer, trainer=processes), processes  # fmt: skip
+    return lambda facts: edit(model, tokenizer, facts, stats, hparams, trainer), None
+
+
+def _processes_trainer(cfg) -> lightning.Trainer | None:
+    """With `trainer=ddp trainer.devices=N` (N > 1, or several nodes): the Trainer whose processes share
+    MEMIT's v* fits. Its first use starts the other processes, which run this command up to there."""
+    flags = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if "ddp" not in str(flags.get("strategy", "")):
+        return None
+    trainer = lightning.Trainer(**{"logger": False, **flags, "inference_mode": False, "enable_progress_bar": False})
+    return trainer if trainer.world_size > 1 else None
 
 
 def save_run(cfg, out: Path, model, tokenizer, edits, facts, probes, table, base_fingerprint, seconds) -> None:
