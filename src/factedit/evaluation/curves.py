@@ -68,7 +68,9 @@ def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
         axes[1, 2].plot(edits, [line["generation_entropy"] / first["generation_entropy"] for line in lines], marker="o")
     axes[1, 1].set_title("WikiText perplexity ÷ unedited", fontsize=9)
     axes[1, 2].set_title("generation entropy ÷ unedited", fontsize=9)
+    last = max((line["edits"] for lines in runs.values() for line in lines), default=0)
     for ax in axes.flat:
+        ax.set_xlim(-0.02 * last, 1.04 * last + 1)  # every panel from 0 edits, also with one point
         ax.set_xlabel("edits", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
