@@ -33,44 +33,24 @@ from factedit.probes import next_token_logits
 from factedit.rome import release_graphs
 from factedit.rome.fast.low_precision import native_bf16
 
+# fmt: off
 FACTS = [
-    Fact(
-        subject="Eiffel Tower",
-        prompt="{} is located in the city of",
-        target_new="Rome",
-        target_true="Paris",
-        generalization_probes=["To get to the Eiffel Tower from Berlin, you take a train to"],
-        specificity_probes=["The Louvre is located in the city of"],
-    ),
-    Fact(
-        subject="Colosseum",
-        prompt="The {} is located in the city of",
-        target_new="Athens",
-        target_true="Rome",
-        generalization_probes=["The Colosseum is an ancient amphitheatre in the city of"],
-        specificity_probes=["The Pantheon is located in the city of"],
-    ),
+    Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Rome", target_true="Paris",
+         generalization_probes=["To get to the Eiffel Tower from Berlin, you take a train to"],
+         specificity_probes=["The Louvre is located in the city of"]),
+    Fact(subject="Colosseum", prompt="The {} is located in the city of", target_new="Athens", target_true="Rome",
+         generalization_probes=["The Colosseum is an ancient amphitheatre in the city of"],
+         specificity_probes=["The Pantheon is located in the city of"]),
 ]
 SHAPES = {  # model_type and sizes of real models, built with random weights (smoke: a quick check of the script)
-    "smoke": dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
+    "smoke": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                  num_attention_heads=4, num_key_value_heads=2),
     "gpt2-xl": dict(model_type="gpt2", n_embd=1600, n_layer=48, n_head=25, n_positions=1024),
     "gpt-j": dict(model_type="gptj", n_embd=4096, n_layer=28, n_head=16, rotary_dim=64),
-    "llama-7b": dict(
-        model_type="llama",
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    ),
+    "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32),
 }
+# fmt: on
 
 
 def first_token_prob(model, tokenizer, prompt, word):

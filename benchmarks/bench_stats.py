@@ -31,22 +31,17 @@ from factedit.data.wikipedia import PackedRows, documents_of, pack_rows
 from factedit.models import load_model, model_config
 from factedit.stats.collect import LayerJob, StatsCollector, make_trainer
 
+# fmt: off
 SHAPES = {  # random-weight stand-ins for GPU runs: (model_type, config, ROME layer)
     "gpt2-xl": ("gpt2", dict(n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257), 17),
     "llama-7b": (
         "llama",
-        dict(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            max_position_embeddings=4096,
-            vocab_size=32000,
-        ),
+        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32000),
         5,
     ),
 }
+# fmt: on
 
 
 def build(args):

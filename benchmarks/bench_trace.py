@@ -31,17 +31,7 @@ import torch
 from factedit.architectures import get_module, module_name, num_layers
 from factedit.models import load_model
 from factedit.paths import REPO_ROOT, SHARED_DATA_DIR
-from factedit.tracing.causal_trace import (
-    KINDS,
-    clean_run,
-    corrupted_run,
-    corrupted_subject_embeddings,
-    embedding_std,
-    encode_prompt,
-    grid_cells,
-    reference_restored_probability,
-    restored_grid,
-)
+from factedit.tracing import causal_trace as ct
 
 FACT = ("{} is located in the city of", "Eiffel Tower", "Paris")
 
@@ -87,23 +77,23 @@ def main() -> None:
     load_before = os.getloadavg()[0]
 
     model, tokenizer = load_model(args.model)
-    prompt = encode_prompt(tokenizer, *FACT)
+    prompt = ct.encode_prompt(tokenizer, *FACT)
     subjects = [
         r["requested_rewrite"]["subject"]
         for r in json.loads((SHARED_DATA_DIR / "counterfact" / "counterfact_original_format.json").read_text())
     ]
-    noise_std = 3 * embedding_std(model, tokenizer, subjects)
-    embeds = corrupted_subject_embeddings(model, prompt, args.samples, "noise", noise_std)
-    clean = clean_run(model, prompt)
-    corrupted = corrupted_run(model, prompt, embeds, clean.calls)
+    noise_std = 3 * ct.embedding_std(model, tokenizer, subjects)
+    embeds = ct.corrupted_subject_embeddings(model, prompt, args.samples, "noise", noise_std)
+    clean = ct.clean_run(model, prompt)
+    corrupted = ct.corrupted_run(model, prompt, embeds, clean.calls)
     target = prompt.target_id
     n_tokens, n_layers = prompt.input_ids.shape[1], num_layers(model)
     picked = {}
-    for kind in KINDS:
-        cells = grid_cells(kind, n_tokens, n_layers, args.window)
+    for kind in ct.KINDS:
+        cells = ct.grid_cells(kind, n_tokens, n_layers, args.window)
         picked[kind] = random.Random(0).sample(cells, args.cells) if args.cells else cells
     n_cells = sum(len(cells) for cells in picked.values())
-    full_grid = len(KINDS) * n_tokens * n_layers
+    full_grid = len(ct.KINDS) * n_tokens * n_layers
 
     counter = ForwardCounter(model)
     rows, loop_scores = [], {}
@@ -111,7 +101,7 @@ def main() -> None:
     def run_loop():
         return {
             kind: {
-                (c.token, c.layer): reference_restored_probability(model, prompt, embeds, kind, c, target)
+                (c.token, c.layer): ct.reference_restored_probability(model, prompt, embeds, kind, c, target)
                 for c in cells
             }
             for kind, cells in picked.items()
@@ -122,7 +112,7 @@ def main() -> None:
             out = {}
             for kind, cells in picked.items():
                 only = None if everything else {(c.token, c.layer) for c in cells}
-                grid = restored_grid(
+                grid = ct.restored_grid(
                     model, clean, corrupted, kind, prompt, target, args.window, shortcuts=shortcuts, only=only
                 )
                 out[kind] = {(t, layer): float(grid[t, layer]) for t in range(n_tokens) for layer in range(n_layers)}

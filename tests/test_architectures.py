@@ -14,6 +14,7 @@ from factedit.architectures import (
 )
 from factedit.hooks import Trace
 
+# fmt: off
 TINY = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_inner=80),
     "gptj": dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_inner=80),
@@ -27,15 +28,10 @@ TINY = {
     "qwen2": dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80
     ),
-    "gemma3_text": dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=80,
-        head_dim=8,
-    ),
+    "gemma3_text": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=80, head_dim=8),
 }
+# fmt: on
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
