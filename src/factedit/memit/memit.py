@@ -54,11 +54,11 @@ def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, 
     edits = []
     for index, layer in enumerate(layers):
         keys = batch_keys(model, batch, layer)  # (F, d_mlp) on the weights as edited so far
+        carried = (edited_outer or {}).get(layer)  # Σ k kᵀ of the keys written earlier in the run
         residuals = (targets - residual_stream(model, batch, layers[-1])) / (len(layers) - index)
         if hp.preserve == "null_space":
             projector = null_space_projector(second_moments[layer], hp.null_space_threshold)
-            outer = (edited_outer or {}).get(layer)
-            u, v = null_space_update(projector, keys, residuals, outer, hp.null_space_l2)
+            u, v = null_space_update(projector, keys, residuals, carried, hp.null_space_l2)
         else:
             u, v = memit_update(second_moments[layer], keys, residuals, hp.mom2_update_weight)
         info = {"layer_of": len(layers), "hparams": hp.to_dict(), "v_steps": [steps for steps, _ in fits],
@@ -68,10 +68,8 @@ def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, 
         apply_edits(model, [made], backup)
         made.target_value = _written_values(model, made).cpu()
         edits.append(made)
-    if edited_outer is not None:  # AlphaEdit: the keys as the edited model now computes them
-        for layer in layers:
-            keys = batch_keys(model, batch, layer)
-            edited_outer[layer] = keys.T @ keys + edited_outer.get(layer, 0)
+        if edited_outer is not None:  # final: a key at l reads only layers < l, all written by now
+            edited_outer[layer] = keys.T @ keys + (0 if carried is None else carried)
     _log_batch(fits, edits, fitted - start, time.perf_counter() - fitted)
     return edits
 
