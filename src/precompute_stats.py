@@ -3,19 +3,14 @@
 `report=true` prints the convergence report (cosine of u = C⁻¹k at n tokens against all tokens).
 """
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from factedit.cli import setup
-from factedit.errors import exit_on_user_error
+from factedit.cli import entry
 from factedit.models import load_model
 from factedit.stats import compute_second_moment
 
 
-@hydra.main(config_path="../configs", config_name="precompute_stats", version_base="1.3")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    setup(cfg)
+def run(cfg: DictConfig) -> None:
     model, tokenizer = load_model(cfg.model)
     layers = cfg.model.rome.layer if cfg.layers is None else cfg.layers
     layers = [int(layers)] if isinstance(layers, (int, str)) else [int(layer) for layer in layers]
@@ -54,4 +49,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry("precompute_stats", run)

@@ -30,3 +30,13 @@ def tiny_gpt2():
 def tiny_llama64():
     """A fresh float64 tiny Llama (tests may edit it)."""
     return load_model("tiny_llama", dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: ops too small to share between threads (on a busy 2-core machine 2 threads are 20x slower).
+    A module uses it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -37,8 +37,8 @@ def edited_run(tmp_path_factory):
         "editor.context_templates=[[3,2]]",
         "probe.max_new_tokens=3",
     ]
-    first = run_edit(*common, "stats.auto=true", "stats.auto_tokens=4096", f"run={root / 'one'}")
-    second = run_edit(*common, f"resume={root / 'one'}", "fact=colosseum_athens", f"run={root / 'two'}")
+    first = run_edit(*common, "stats.auto=true", "stats.auto_tokens=4096", f"out_dir={root / 'one'}")
+    second = run_edit(*common, f"resume={root / 'one'}", "fact=colosseum_athens", f"out_dir={root / 'two'}")
     return root, common, first, second
 
 
@@ -63,7 +63,7 @@ def test_revert_restores_original_predictions_exactly(edited_run):
 def test_saved_work_is_never_overwritten(edited_run):
     root, common, _, _ = edited_run
     before = (root / "one" / "edits.safetensors").read_bytes()
-    result = run_edit(*common, f"run={root / 'one'}", check=False)
+    result = run_edit(*common, f"out_dir={root / 'one'}", check=False)
     assert result.returncode == 2 and "already holds edits" in result.stderr
     assert (root / "one" / "edits.safetensors").read_bytes() == before
 
@@ -79,7 +79,7 @@ def test_saved_work_is_never_overwritten(edited_run):
     ],
 )
 def test_bad_input_is_one_line(tmp_path, overrides, message):
-    result = run_edit("model=tiny_llama", f"stats.dir={tmp_path}", f"run={tmp_path / 'x'}", *overrides, check=False)
+    result = run_edit("model=tiny_llama", f"stats.dir={tmp_path}", f"out_dir={tmp_path / 'x'}", *overrides, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
@@ -88,13 +88,15 @@ def test_bad_input_is_one_line(tmp_path, overrides, message):
 
 
 def test_unknown_model_lists_the_registry(tmp_path):
-    result = run_edit("model=smollm3", f"run={tmp_path / 'x'}", check=False)
-    assert result.returncode != 0 and "Could not find 'model/smollm3'" in result.stderr
-    assert "smollm2_135m" in result.stderr and "Traceback" not in result.stderr
+    result = run_edit("model=smollm3", f"out_dir={tmp_path / 'x'}", check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: unknown model=smollm3: use one of gemma3_270m, gpt2, gpt2_xl, gpt_j_6b, llama2_7b, smollm2_135m, "
+        "tiny_gpt2, tiny_llama (configs/model/)"
+    ]
 
 
 def test_missing_statistics_names_the_command(tmp_path):
-    result = run_edit("model=tiny_llama", f"stats.dir={tmp_path}", f"run={tmp_path / 'x'}", check=False)
+    result = run_edit("model=tiny_llama", f"stats.dir={tmp_path}", f"out_dir={tmp_path / 'x'}", check=False)
     assert result.returncode == 2 and "python src/precompute_stats.py model=tiny_llama layers=[1]" in result.stderr
 
 
@@ -112,8 +114,9 @@ def test_memit_bad_batches_are_one_line(tmp_path, facts, overrides, message):
     path = tmp_path / "facts.json"
     path.write_text(json.dumps([rome, other or {**rome, "target_new": "Athens"}]))
     common = ["model=tiny_llama", "editor=memit", "editor.layers=[1]", f"stats.dir={tmp_path / 'stats'}"]
-    result = run_edit(*common, "stats.auto=true", "stats.auto_tokens=2048", f"facts={path}", f"run={tmp_path / 'x'}",
-                      *overrides, check=False)  # fmt: skip
+    out = f"out_dir={tmp_path / 'x'}"
+    stats = ["stats.auto=true", "stats.auto_tokens=2048"]
+    result = run_edit(*common, *stats, f"facts={path}", out, *overrides, check=False)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and last.startswith("error: ") and message in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()
@@ -132,8 +135,10 @@ def test_memit_fits_shared_over_two_processes_make_the_same_edits(tmp_path):
     common = ["model=tiny_llama", "editor=memit", "editor.layers=[1,2]", "editor.v_num_grad_steps=3",
               "editor.context_templates=[[3,2]]", "editor.bf16=false", f"stats.dir={tmp_path / 'stats'}",
               "stats.auto=true", "stats.auto_tokens=2048", f"facts={path}", "probe.max_new_tokens=2"]  # fmt: skip
-    run_edit(*common, f"run={tmp_path / 'one'}")
-    shared = run_edit(*common, f"run={tmp_path / 'two'}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
+    run_edit(*common, f"out_dir={tmp_path / 'one'}")
+    shared = run_edit(
+        *common, f"out_dir={tmp_path / 'two'}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"
+    )
     assert (shared.stdout + shared.stderr).count("MEMIT: 3 facts into layers [1, 2]") == 2  # both processes wrote
     (one, _), (two, _) = load_edits(tmp_path / "one"), load_edits(tmp_path / "two")
     assert [e.layer for e in one] == [e.layer for e in two] == [1, 2]

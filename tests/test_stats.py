@@ -34,13 +34,7 @@ def tiny():
     return load_model("tiny_llama")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: ops too small to share between threads (on a busy 2-core machine 2 threads are 20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_second_moment(model, tokenizer, layer, data) -> torch.Tensor:

@@ -1,6 +1,11 @@
 """Files factedit writes: JSON and safetensors atomically (a crash never leaves a half-written file),
-and JSON lines appended one whole line at a time (a killed run loses at most the line it was writing)."""
+and JSON lines appended one whole line at a time (a killed run loses at most the line it was writing).
 
+Every safetensors file carries the sha256 of its tensors in its metadata (DIGEST_KEY), checked when it
+is read: a file changed or damaged after it was written is refused instead of silently used.
+"""
+
+import hashlib
 import json
 import logging
 import os
@@ -55,14 +60,38 @@ def write_json(path, obj) -> None:
     _atomic_replace(Path(path), write)
 
 
+DIGEST_KEY = "tensors_sha256"
+# What to do about a bad file when the caller knows no better (edits and stats loaders name their command).
+DEFAULT_FIX = "restore it from a backup, or delete it and write it again with the command that made it"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors sorted by name: each one's name, dtype, shape and raw bytes (CPU tensors).
+
+    Hashes the bytes in place (no copy), about 2 GB/s: a 180 MB statistics file costs a tenth of a second.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # bytes of any dtype (bfloat16, 0-dim too)
+    return digest.hexdigest()
+
+
 def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Tensors and string metadata, atomically, with the tensors' digest under DIGEST_KEY."""
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     metadata = {key: str(value) for key, value in metadata.items()}
+    metadata[DIGEST_KEY] = tensors_digest(tensors)  # replaces a digest copied from the metadata of another file
     _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load tensors and metadata; a truncated or foreign file is a clear error, never unpickled."""
+def read_safetensors(path, fix: str = DEFAULT_FIX) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load tensors and metadata; a truncated, foreign or changed file is a one-line FacteditError ending
+    in `fix` (what the user should do, e.g. the command that writes the file again), never unpickled.
+
+    The digest is checked when the file has one; files of versions that wrote none are read unchecked.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -71,11 +100,13 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-        return load_file(str(path)), metadata
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise FacteditError(
-            f"{path} is not a readable safetensors file ({error}); delete it and write it again"
-        ) from None
+        reason = " ".join(str(error).split())  # one line, whatever the library wrote
+        raise FacteditError(f"{path} is not a readable safetensors file ({reason}): {fix}") from None
+    if DIGEST_KEY in metadata and metadata[DIGEST_KEY] != tensors_digest(tensors):
+        raise FacteditError(f"{path}: its tensors do not match their checksum (the file was changed or damaged): {fix}")
+    return tensors, metadata
 
 
 # ---------------------------------------------------------------- JSON lines

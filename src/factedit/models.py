@@ -253,3 +253,16 @@ def model_fingerprint(model, samples_per_tensor: int = 1024) -> str:
         digest.update(f"{name}:{tuple(param.shape)}".encode())
         digest.update(values.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def base_fingerprint(model) -> str:
+    """The fingerprint of the weights before factedit edited them: statistics and edit files are bound to
+    those. It follows the model through edits (apply_edits remembers it), so a second edit() on an
+    edited model, like resume=, reads the base model's statistics."""
+    current = model_fingerprint(model)
+    return model.__dict__.get("_factedit_base_of", {}).get(current, current)
+
+
+def remember_base(model, base: str) -> None:
+    """Record that the weights as they are now were made from the base weights `base` by edits."""
+    model.__dict__.setdefault("_factedit_base_of", {})[model_fingerprint(model)] = base

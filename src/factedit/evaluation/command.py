@@ -1,6 +1,5 @@
 """`python src/evaluate.py`: CounterFact evaluation of an editor under `trainer.test` (see configs/evaluate.yaml)."""
 
-import json
 import logging
 import time
 import warnings
@@ -15,7 +14,7 @@ from factedit.errors import FacteditError
 from factedit.evaluation.editors import SavedEdits, make_editor
 from factedit.evaluation.module import CounterFactEvaluator
 from factedit.evaluation.report import build_summary, change_from_unedited, compare, write_run_report
-from factedit.io import drop_incomplete_line, read_lines, write_json
+from factedit.io import drop_incomplete_line, read_json, read_lines, write_json
 from factedit.models import load_model, model_fingerprint
 from factedit.paths import CHECKPOINT_DIR, REPO_ROOT
 from factedit.rome.fast.low_precision import resolve_bf16
@@ -79,12 +78,17 @@ def outcome_config(options: dict, device: torch.device, dtype: torch.dtype = tor
     return config
 
 
-def check_settings(out_dir: Path, settings: dict) -> None:
-    """Write settings.json for a new run; refuse to resume a run made with other settings."""
+def check_settings(out_dir: Path, settings: dict, growable: str | None = None) -> None:
+    """Write settings.json for a new run; refuse to resume a run made with other settings. A larger
+    `growable` count (a sequential run's records) extends the run: its first records are the same."""
     path = out_dir / "settings.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = read_json(path, fix=f"delete {out_dir} to start the run over, or choose another run=NAME")
         changed = sorted(k for k in settings if saved.get(k, "(absent)") != settings[k])
+        if growable and changed == [growable] and 0 <= int(saved[growable] or 0) < settings[growable]:
+            log.info("%s: extending the run from %d to %d %s", out_dir, saved[growable], settings[growable], growable)
+            write_json(path, settings)
+            return
         if changed:
             raise FacteditError(
                 f"{out_dir} holds a run with other settings ({', '.join(changed)} differ): "
@@ -187,7 +191,7 @@ def run_lifelong(cfg, model, tokenizer) -> Path:
     settings = {**run_settings(cfg, model, tokenizer, editor), "gen": False, "pre": False, "records": len(edited)}
     options = "batch_size checkpoint_every control_records perplexity_tokens generation_prompts generation_tokens"
     settings["sequential"] = {key: cfg[key] for key in options.split()}
-    check_settings(out_dir, settings)
+    check_settings(out_dir, settings, growable="records")
     return run_sequential(cfg, model, tokenizer, editor, edited, control, out_dir, settings["fingerprint"])
 
 

@@ -10,9 +10,10 @@ from factedit.errors import FacteditError
 from factedit.memit.memit import edit_batch, residual_stream
 from factedit.memit.update import memit_update, null_space_update
 from factedit.rome.edits import Edits, WeightBackup, revert_edits
-from factedit.rome.facts import as_facts
+from factedit.rome.facts import as_facts, fact_texts
 from factedit.rome.hparams import MemitHparams, resolve_hparams
 from factedit.stats.files import second_moment_from, second_moments
+from factedit.tokens import check_prompt_lengths
 
 __all__ = ["edit", "edit_batch", "memit_update", "null_space_update", "residual_stream"]
 
@@ -29,6 +30,7 @@ def edit(model, tokenizer, facts, stats=None, hparams=None, *, batch_size: int |
     """
     facts = as_facts(facts)
     check_distinct(facts)
+    check_prompt_lengths(tokenizer, model, fact_texts(facts))
     hp = resolve_hparams(model, hparams, kind=MemitHparams)
     second_moments = _second_moments(model, stats, hp.layers)
     edited_outer = {} if edited_outer is None and hp.preserve == "null_space" else edited_outer

@@ -15,11 +15,12 @@ from factedit.models import load_model, model_fingerprint
 from factedit.paths import CHECKPOINT_DIR
 from factedit.probes import next_token_logits, probe, probe_table
 from factedit.rome.edits import apply_edits, facts_of, load_edits, revert_edits, save_edits
-from factedit.rome.facts import fact_from_config, load_facts
+from factedit.rome.facts import fact_from_config, fact_texts, load_facts
 from factedit.rome.hparams import MemitHparams, RomeHparams, resolve_hparams
 from factedit.rome.rome import edit
 from factedit.stats import second_moment_for
 from factedit.stats.files import second_moments
+from factedit.tokens import check_prompt_lengths
 
 log = logging.getLogger("factedit.edit")
 
@@ -38,7 +39,7 @@ def _probe_prompts(facts) -> tuple[list[str], list[str]]:
 
 
 def _output_dir(cfg) -> Path:
-    out = Path(cfg.run) if Path(str(cfg.run)).is_absolute() else CHECKPOINT_DIR / str(cfg.run)
+    out = Path(str(cfg.out_dir)) if cfg.get("out_dir") else CHECKPOINT_DIR / str(cfg.run)  # run: a name (options.py)
     if (out / "edits.safetensors").exists():
         raise FacteditError(f"{out} already holds edits: choose another run=NAME (saved work is never overwritten)")
     return out
@@ -78,6 +79,7 @@ def run(cfg) -> Path | None:
         return None
     out = _output_dir(cfg)
     facts = load_facts(cfg.facts) if cfg.facts else [fact_from_config(cfg.fact)]
+    check_prompt_lengths(tokenizer, model, fact_texts(facts))
     write, trainer = _writer(cfg, model, tokenizer)  # C of the base weights, as ROME and MEMIT
     apply_edits(model, prior)
     prompts, kinds = _probe_prompts(facts)

@@ -16,13 +16,14 @@ from factedit.rome.compute_key import compute_key, template_keys
 from factedit.rome.compute_value import compute_value
 from factedit.rome.context import context_templates
 from factedit.rome.edits import Edit, Edits, WeightBackup, apply_edits, revert_edits
-from factedit.rome.facts import as_facts
+from factedit.rome.facts import as_facts, fact_texts
 from factedit.rome.fast import value_engine
 from factedit.rome.hparams import RomeHparams, resolve_hparams
 from factedit.rome.preserve import null_space_projector, without_keys
 from factedit.rome.update import rank_one_update
 from factedit.rome.value_batch import value_batch
 from factedit.stats.files import second_moment_from
+from factedit.tokens import check_prompt_lengths
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def edit(
     exactly; on an error the weights are as they were.
     """
     facts = as_facts(facts)
+    check_prompt_lengths(tokenizer, model, fact_texts(facts))
     hp = resolve_hparams(model, hparams)
     layer = check_layer(model, hp.layer)
     second_moment = second_moment_from(stats, model, layer)

@@ -21,7 +21,7 @@ import factedit.paths
 from factedit.architectures import as_out_in, check_layer, module_name, rewrite_weight
 from factedit.errors import FacteditError
 from factedit.io import read_safetensors, write_safetensors
-from factedit.models import model_fingerprint
+from factedit.models import base_fingerprint
 
 log = logging.getLogger(__name__)
 FORMAT = "factedit-stats/1"
@@ -98,7 +98,7 @@ def read_partial(path: Path, metadata: dict) -> tuple[torch.Tensor, torch.Tensor
     partial = partial_path(path)
     if not partial.is_file():
         return None
-    tensors, saved = read_safetensors(partial)
+    tensors, saved = read_safetensors(partial, fix="delete it and rerun to start over")
     for key in RESUME_KEYS:
         if saved.get(key) != str(metadata[key]):
             raise FacteditError(f"{partial} was accumulated with {key}={saved.get(key)}, this run has {key}={metadata[key]}: "
@@ -113,13 +113,13 @@ def read_result(path: Path, model, layer: int, fingerprint: str | None = None) -
     name, module = model_name(model), module_name(model, "rewrite", layer)
     match = _RESULT_NAME.match(path.name)
     redo = f"run `{fix_command(name, layer, match and match['source'], match and int(match['tokens']), force=True)}`"
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_safetensors(path, fix=f"restore it from a backup, or {redo}")
     second_moment, count = tensors.get("second_moment"), tensors.get("count")
     if second_moment is None or count is None:
         raise FacteditError(f"{path} has no second_moment or count tensor: delete it and {redo}")
     if metadata.get("module") != module:
         raise FacteditError(f"{path} holds statistics of {metadata.get('module')}, not {module}: move it to its folder or {redo}")
-    fingerprint = fingerprint or model_fingerprint(model)
+    fingerprint = fingerprint or base_fingerprint(model)
     if metadata.get("fingerprint") != fingerprint:
         raise FacteditError(f"{path} was computed for other weights (fingerprint {metadata.get('fingerprint')}, "
                             f"this {name} has {fingerprint}): {redo}")
@@ -130,9 +130,32 @@ def read_result(path: Path, model, layer: int, fingerprint: str | None = None) -
     if tokens <= 0 or metadata.get("tokens") != str(tokens) or (match and int(match["tokens"]) != tokens):
         raise FacteditError(f"{path} has an inconsistent token count (count {tokens}, metadata {metadata.get('tokens')}): "
                             f"delete it and {redo}")
-    if not torch.isfinite(second_moment).all():
-        raise FacteditError(f"{path} holds non-finite values: delete it and {redo}")
+    problem = second_moment_problem(second_moment)
+    if problem:
+        raise FacteditError(f"{path} {problem}, which no E[k kᵀ] does: restore it from a backup, or {redo}")
     return second_moment.to(torch.float32), metadata
+
+
+# |C_ij − C_ji| allowed, relative to √(C_ii C_jj) (≥ |C_ij| for any E[k kᵀ]): float32 sums of kᵀk per batch
+# may round C_ij and C_ji apart by a few ulps (~1e-7 each); a changed entry is off by far more.
+SYMMETRY_TOLERANCE = 1e-4
+
+
+def second_moment_problem(second_moment: torch.Tensor, rows_at_once: int = 1024) -> str:
+    """What a square C (d, d) holds that no second moment E[k kᵀ] does, in a few words, or "":
+    non-finite values, a negative diagonal, or C ≠ Cᵀ. Compared a block of rows at a time (a d² copy is GBs)."""
+    if not second_moment.is_floating_point() or not torch.isfinite(second_moment).all():
+        return "holds non-finite values"
+    diagonal = second_moment.diagonal().double()
+    if (diagonal < 0).any():
+        return f"has a negative diagonal entry ({diagonal.min():.3g})"
+    root = diagonal.sqrt()
+    for start in range(0, len(second_moment), rows_at_once):
+        rows = slice(start, start + rows_at_once)
+        asymmetry = (second_moment[rows].double() - second_moment[:, rows].T.double()).abs()
+        if (asymmetry > SYMMETRY_TOLERANCE * torch.outer(root[rows], root)).any():
+            return "is not symmetric"
+    return ""
 
 
 def result_files(folder: Path) -> list[tuple[str, int, Path]]:

@@ -13,6 +13,7 @@ from factedit.errors import FacteditError
 from factedit.io import write_json
 from factedit.models import load_model, model_fingerprint
 from factedit.paths import SHARED_DATA_DIR
+from factedit.tokens import check_prompt_lengths, fill_prompt
 from factedit.tracing.aggregate import average_effects, known_facts, read_counterfact, trace_facts
 from factedit.tracing.causal_trace import check_settings, embedding_std, trace_fact
 from factedit.tracing.plots import plot_effect_heatmaps, plot_effect_lines, plot_heatmap
@@ -111,6 +112,7 @@ def trace_single(cfg: DictConfig) -> dict:
     """Trace the configured fact: three heatmaps (PNG, PDF) and trace.json in the output folder."""
     fact = fact_from_config(cfg)
     model, tokenizer = load_model(cfg.model)
+    check_prompt_lengths(tokenizer, model, [fill_prompt(fact["prompt"], fact["subject"])])
     check_settings(model, cfg.samples, cfg.window, cfg.corruption, cfg.noise, cfg.kinds)
     path = _counterfact_path(cfg)
     subjects = [f["subject"] for f in read_counterfact(path)] if path.is_file() else None
