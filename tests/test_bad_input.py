@@ -325,6 +325,25 @@ def test_a_failure_after_the_update_leaves_the_weights_as_they_were(tiny_llama, 
     assert len(calls) == 2 and all(torch.equal(p, original[n]) for n, p in model.named_parameters())
 
 
+def test_a_memit_failure_after_a_layer_is_written_leaves_the_weights_as_they_were(tiny_llama, monkeypatch):
+    """MEMIT: a failure after the first layer's update is applied (reading what its keys now give) restores all."""
+    import factedit.memit.memit as memit_module
+
+    model, tokenizer = tiny_llama
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def fail(model, edit):
+        raise RuntimeError("injected failure after the update")
+
+    monkeypatch.setattr(memit_module, "_written_values", fail)
+    facts = [EIFFEL, {**EIFFEL, "subject": "Colosseum", "target_new": "Athens"}]
+    hparams = {"layers": [0, 1], "v_num_grad_steps": 2, "context_templates": [[3, 1]]}
+    eye = torch.eye(model.config.intermediate_size)
+    with pytest.raises(RuntimeError, match="injected"):
+        memit.edit(model, tokenizer, facts, stats={0: eye, 1: eye}, hparams=hparams)
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+
+
 # ---------------------------------------------------------------- the README's commands as printed
 
 
