@@ -6,15 +6,20 @@ its edit (efficacy), the peak resident memory, and the steps the fits took.
     python benchmarks/bench_memit.py --facts 100                 # SmolLM2-135M, counterfact-train.json in file order
     python benchmarks/bench_memit.py --facts 100 --baseline-facts 20   # time 20 single fits, scale to 100
     python benchmarks/bench_memit.py --shape gpt2-xl --facts 100 --data dev_head.json --baseline-facts 5  # GPU
+    python benchmarks/bench_memit.py --facts 100 --baseline-facts 20 --facts-per-fit 25   # also fits of 25 at a time
+
+Peak memory is each row's own (the peak resident size is reset before each row).
 
 At a --shape (random weights) the statistics are C = I and efficacy means the fitted v* was written
 (the shapes' models know no facts); the time is what counts there.
 """
 
 import argparse
+import contextlib
 import logging
 import resource
 import time
+from pathlib import Path
 
 import torch
 from bench_edit import SHAPES, load, synchronize
@@ -40,6 +45,22 @@ def efficacy(model, tokenizer, facts) -> float:
         logits = next_token_logits(model, tokenizer, [fact.text])[0]
         wins += bool(logits[new] > logits[true])
     return 100.0 * wins / len(facts)
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak resident size (Linux: VmHWM) and GPU peak."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> str:
+    status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
+    peak = next((int(line.split()[1]) / 2**20 for line in status.splitlines() if line.startswith("VmHWM")), None)
+    peak = peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    gpu = f" / GPU {torch.cuda.max_memory_allocated() / 2**30:.1f}" if torch.cuda.is_available() else ""
+    return f"{peak:.2f}{gpu}"
 
 
 def time_memit(model, tokenizer, facts, stats, hparams) -> dict:
@@ -77,6 +98,7 @@ def main():
     parser.add_argument("--data", default=None, help="CounterFact file (default: counterfact-train.json)")
     parser.add_argument("--tokenizer", default="smollm2_135m", help="for --shape: the tokenizer of the facts")
     parser.add_argument("--memit", nargs="*", default=[], help="MEMIT options, e.g. layers=[1,2,3] preserve=null_space")
+    parser.add_argument("--facts-per-fit", type=int, default=None, help="also MEMIT with v* fitted N facts at a time")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,26 +124,30 @@ def main():
         stats = {layer: load_second_moment(model, layer) for layer in layers}
     baseline = facts[: args.baseline_facts or len(facts)]
     revert_edits(model, memit.edit(model, tokenizer, facts[:2], stats=stats, hparams=memit_hp).backup)  # warm-up
-    rows = []
-    for label, run in [("memit", lambda: time_memit(model, tokenizer, facts, stats, memit_hp)),
-                       ("rome, one fit per fact", lambda: time_rome(model, tokenizer, baseline, stats, rome_hp)),
-                       ("memit (again)", lambda: time_memit(model, tokenizer, facts, stats, memit_hp))]:  # fmt: skip
+    rows, runs = [], [("memit", lambda: time_memit(model, tokenizer, facts, stats, memit_hp)),
+                      ("rome, one fit per fact", lambda: time_rome(model, tokenizer, baseline, stats, rome_hp)),
+                      ("memit (again)", lambda: time_memit(model, tokenizer, facts, stats, memit_hp))]  # fmt: skip
+    if args.facts_per_fit:
+        chunked_hp = resolve_hparams(model, {**overrides, "facts_per_fit": args.facts_per_fit}, kind=MemitHparams)
+        label = f"memit, {args.facts_per_fit} facts per fit"
+        chunked = (label, lambda: time_memit(model, tokenizer, facts, stats, chunked_hp))
+        runs = [runs[0], chunked, runs[1], (label + " (again)", chunked[1]), runs[2]]
+    for label, run in runs:
+        reset_peak_memory()
         result = run()
-        result["per_fact"] = result["seconds"] / result["facts"]
+        result.update(per_fact=result["seconds"] / result["facts"], peak=peak_memory())
         rows.append((label, result))
-        print(f"{label}: {result['seconds']:.1f} s for {result['facts']} facts", flush=True)
-    rome_per_fact = rows[1][1]["per_fact"]
+        print(f"{label}: {result['seconds']:.1f} s for {result['facts']} facts, peak {result['peak']} GiB", flush=True)
+    rome_per_fact = next(r["per_fact"] for label, r in rows if label.startswith("rome"))
     name = args.shape or args.model
     print(f"\n{name}, {device}, {len(facts)} facts, MEMIT layers {list(memit_hp.layers)}, ROME layer {rome_hp.layer}")
-    print(f"| path | facts | seconds | s/fact | {len(facts)} facts (s) | speed-up vs rome | ES | mean steps |")
-    print("|---|---|---|---|---|---|---|---|")
+    columns = f"path | facts | seconds | s/fact | {len(facts)} facts (s) | vs rome | ES | mean steps | peak GiB"
+    print(f"| {columns} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, r in rows:
         batch_seconds = r["per_fact"] * len(facts)
         print(f"| {label} | {r['facts']} | {r['seconds']:.1f} | {r['per_fact']:.2f} | {batch_seconds:.1f} | "
-              f"{rome_per_fact / r['per_fact']:.2f}x | {r['es']:.1f} | {r['steps']:.1f} |")  # fmt: skip
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else ""
-    print(f"peak resident memory {peak:.2f} GiB{gpu}")
+              f"{rome_per_fact / r['per_fact']:.2f}x | {r['es']:.1f} | {r['steps']:.1f} | {r['peak']} |")  # fmt: skip
 
 
 if __name__ == "__main__":

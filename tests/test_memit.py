@@ -6,7 +6,7 @@ import torch
 from factedit import FacteditError, load_model, memit
 from factedit.architectures import as_out_in, rewrite_weight
 from factedit.memit import memit_update, null_space_update, residual_stream
-from factedit.rome import Fact, edit, revert_edits
+from factedit.rome import Fact, MemitHparams, edit, revert_edits
 from factedit.rome.compute_key import batch_keys, reference_key
 from factedit.rome.preserve import null_space_projector, without_keys
 from factedit.rome.update import delta_weight, rank_one_update
@@ -93,6 +93,23 @@ def test_memit_writes_each_fact_across_its_layers_and_reverts_bitwise(tiny):
         assert torch.allclose(e.target_value, e.key @ as_out_in(model, rewrite_weight(model, e.layer)).double().T)
     revert_edits(model, made.backup)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_fits_of_fewer_facts_at_a_time_give_the_same_targets(tiny):
+    """facts_per_fit=2 fits the 3 facts as 2 + 1: z and the steps are those of one fit of all 3 (float64)."""
+    from factedit.memit.memit import fit_targets
+    from factedit.rome.context import context_templates
+    from factedit.rome.hparams import resolve_hparams
+
+    model, tokenizer = tiny
+    templates = context_templates(model, tokenizer, TEMPLATES, seed=0)
+    options = dict(layers=[1, 2], v_num_grad_steps=6, context_templates=TEMPLATES, bf16=False)
+    together = fit_targets(model, tokenizer, FACTS, templates, resolve_hparams(model, options, kind=MemitHparams))
+    chunked = fit_targets(model, tokenizer, FACTS, templates,
+                          resolve_hparams(model, {**options, "facts_per_fit": 2}, kind=MemitHparams))  # fmt: skip
+    assert chunked[0].shape == together[0].shape == (3, 64)
+    torch.testing.assert_close(chunked[0], together[0], rtol=1e-9, atol=1e-9)
+    assert [steps for steps, _ in chunked[1]] == [steps for steps, _ in together[1]]
 
 
 def test_batch_keys_equal_the_reference_keys(tiny):

@@ -75,8 +75,14 @@ def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, 
 
 
 def fit_targets(model, tokenizer, facts, templates, hp: MemitHparams, trainer_kwargs=None, batch=None):
-    """z = v₀ + δ of each fact at the residual stream after the last layer of hp.layers, in one batched
-    fit: (F, d_model) float64, and [(steps, final P(target))] per fact. A fact the model already gives keeps δ = 0."""
+    """z = v₀ + δ of each fact at the residual stream after the last layer of hp.layers, in batched fits
+    of hp.facts_per_fit facts: (F, d_model) float64, and [(steps, final P(target))] per fact. A fact the
+    model already gives keeps δ = 0."""
+    size = hp.facts_per_fit or len(facts)
+    if size < len(facts):  # facts never interact in the objective: fits of fewer facts at a time give the same z
+        parts = [fit_targets(model, tokenizer, facts[i : i + size], templates, hp, trainer_kwargs)
+                 for i in range(0, len(facts), size)]  # fmt: skip
+        return torch.cat([targets for targets, _ in parts]), [fit for _, fits in parts for fit in fits]
     batch = batch if batch is not None else value_batch(tokenizer, facts, templates, model.device)
     with value_engine(model, hp.layers[-1], batch, hp) as engine:
         value = compute_value(engine, facts, trainer_kwargs, known="keep")

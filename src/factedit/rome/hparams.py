@@ -23,7 +23,7 @@ ROLES = ("rewrite", "attn_out", "layer")
 PRESERVE = ("none", "null_space")
 # How the v* steps run, not what they compute (the same numbers up to rounding): a saved evaluation
 # run resumes across changes of these; tf32 changes numbers on a GPU only.
-EXECUTION_ONLY = ("cuda_graph", "graph_cache", "fused_activations")
+EXECUTION_ONLY = ("cuda_graph", "graph_cache", "fused_activations", "facts_per_fit")
 GPU_ONLY = ("tf32",)
 
 
@@ -84,12 +84,16 @@ class MemitHparams(ValueHparams):
     clamp_norm_factor: float = 0.75  # of the residual stream's norm
     v_num_grad_steps: int = 25
     context_templates: tuple = ((10, 5),)  # MEMIT: the bare prompt and 5 prefixes of 10 tokens
+    # v* of a batch fitted this many facts at a time (0: all at once): the same z up to rounding (the facts
+    # never interact in the objective); fewer facts hold less memory, and each fit stops with its slowest fact.
+    facts_per_fit: int = 0
 
 
 KINDS = {"rome": RomeHparams, "memit": MemitHparams}
 _CHOICES = {"stop_on": STOP_ON, "update": UPDATES, "role": ROLES, "preserve": PRESERVE, "bf16": ("auto", True, False)}
 _POSITIVE = ("v_num_grad_steps", "v_lr", "clamp_norm_factor", "null_space_threshold", "mom2_update_weight")
-_NON_NEGATIVE = ("layer", "v_weight_decay", "kl_factor", "loss_threshold", "graph_cache", "seed", "null_space_l2")
+_NON_NEGATIVE = ("layer", "v_weight_decay", "kl_factor", "loss_threshold", "graph_cache", "seed", "null_space_l2",
+                 "facts_per_fit")  # fmt: skip
 
 
 def _checked(name: str, value, default):
