@@ -71,8 +71,8 @@ def batch_encode(tokenizer, texts: list[str], device=None) -> dict[str, torch.Te
 
 
 # A fact's prompt runs through the model once per context template (21 rows for ROME) with gradients
-# behind the edited layer: an edit of the default model with a 244-token prompt takes 1.9 GB above the
-# loaded model (2.4 GB resident in all, 59 s on a busy CPU); every CounterFact or zsRE prompt is under 40.
+# behind the edited layer: an edit of the default model with a 244-token prompt peaks at 2.8 GB resident
+# (benchmarks/bench_prompt_length.py); every CounterFact or zsRE prompt is under 40 tokens.
 MAX_PROMPT_TOKENS = 256
 
 
