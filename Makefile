@@ -1,11 +1,13 @@
 # make demo  — set up, precompute key statistics, edit "Eiffel Tower -> Rome" on SmolLM2-135M
 # make test  — set up, check style (ruff), run the test suite
+# make app   — set up, start the app on http://127.0.0.1:$(PORT) (docs/app.md)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+PORT ?= 8123
 
-.PHONY: install demo lint format test bench clean
+.PHONY: install demo app lint format test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +22,9 @@ install: $(STAMP)
 demo: install
 	$(PY) src/precompute_stats.py
 	$(PY) src/edit.py fact=eiffel_rome
+
+app: install
+	$(PY) src/app.py port=$(PORT)
 
 lint: install
 	$(VENV)/bin/ruff check .

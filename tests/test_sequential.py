@@ -56,6 +56,14 @@ def test_sequential_run_killed_midway_ends_with_the_weights_of_an_uninterrupted_
     assert sorted({line["edits"] for line in curve}) == [0, 3, 6, 9]
     table = (tmp_path / "whole" / "curve.md").read_text()
     assert "| 9 |" in table and (tmp_path / "whole" / "curve.png").stat().st_size > 10_000
+    # a finished run of 6 records continues to 9 with data.limit=9: the edits of a run of 9 from the start
+    for limit in ("data.limit=6", "data.limit=9"):
+        grown = subprocess.run(command(tmp_path, "grown", limit), env=ENV, capture_output=True, text=True, timeout=600)
+        assert grown.returncode == 0, grown.stderr[-3000:]
+    c, meta_c = read_safetensors(tmp_path / "grown" / "run.safetensors")
+    assert meta_c["records_done"] == "9" and c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    shrunk = subprocess.run(command(tmp_path, "grown", "data.limit=3"), env=ENV, capture_output=True, text=True)
+    assert shrunk.returncode == 2 and "records differ" in shrunk.stderr.strip().splitlines()[-1]
 
 
 def test_zsre_loader_and_token_accuracy(tmp_path, tiny_llama):

@@ -172,11 +172,17 @@ OPTIONS = {
                          "data.source": choice("wiki_offline", "wikitext", "wikipedia"),
                          "data.max_tokens": integer(1, null=True), "data.seq_len": integer(2, 1_000_000),
                          "data.batch_size": integer(1), "data.save_every": integer(0)},
+    "app": {**COMMON, **STATS, "host": text(null=False), "port": integer(1, 65535), "threads": integer(1, null=True),
+            "checkpoints_dir": text(), "probe.top_k": integer(1, 100), "probe.max_new_tokens": integer(0, 1000),
+            "trace.samples": integer(1, 10_000), "trace.noise": number(open_low=True),
+            "trace.noise_std_from": choice("subjects", "vocab"), "trace.corruption": choice("noise", "replace"),
+            "trace.window": integer(1), "trace.batch_size": integer(1), "trace.min_prob": number(0.0, 1.0),
+            "trace.data.path": text()},
 }  # fmt: skip
 
 
 def validate(cfg: DictConfig, task: str) -> None:
-    """Refuse the first bad option of `task`'s config (edit, evaluate, trace, precompute_stats) in one line."""
+    """Refuse the first bad option of `task`'s config (edit, evaluate, trace, precompute_stats, app) in one line."""
     for key, check in OPTIONS[task].items():
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if isinstance(value, (DictConfig, ListConfig)):
