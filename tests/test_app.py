@@ -11,10 +11,11 @@ import torch
 
 from factedit import Edit, load_edits, model_fingerprint, save_edits
 from factedit.app import App, serve_in_thread
-from factedit.app.state import current_weights, weights_digest
+from factedit.app.state import current_weights
 from factedit.architectures import module_name
 from factedit.cli import check_command
 from factedit.errors import FacteditError
+from factedit.io import tensors_digest
 
 EIFFEL = {"subject": "Eiffel Tower", "prompt": "{} is located in the city of"}
 
@@ -144,10 +145,10 @@ BAD = [
 def test_bad_input_is_a_message_and_changes_nothing(served, path, body, message):
     app, client = served
     edited = [module_name(app.model, "rewrite", app.rome.layer)]  # the weights an edit would change, exactly
-    before = model_fingerprint(app.model), weights_digest(current_weights(app.model, edited))
+    before = model_fingerprint(app.model), tensors_digest(current_weights(app.model, edited))
     status, answer = client.post(path, body)
     assert status == 400 and message in answer["error"] and "Traceback" not in answer["error"], answer
-    assert (model_fingerprint(app.model), weights_digest(current_weights(app.model, edited))) == before
+    assert (model_fingerprint(app.model), tensors_digest(current_weights(app.model, edited))) == before
     assert client.get("/api/history")["edits"] == []
     assert not (app.checkpoints / "fine").exists() and not (app.checkpoints.parent / "elsewhere").exists()
 
@@ -185,7 +186,7 @@ def test_edits_of_another_model_are_refused_and_change_nothing(served):
     weight = app.model.get_submodule(module).weight
     fake = Edit(app.rome.layer, module, torch.ones(weight.shape[1]), torch.ones(weight.shape[0]), fact=EIFFEL)
     save_edits(app.checkpoints / "other" / "edits.safetensors", [fake], base_fingerprint="0" * 16, model_name="gpt2")
-    before = weights_digest(current_weights(app.model, [module]))
+    before = tensors_digest(current_weights(app.model, [module]))
     status, answer = client.post("/api/load", {"name": "other"})
     assert status == 400 and "was made for model gpt2" in answer["error"], answer
-    assert weights_digest(current_weights(app.model, [module])) == before and app.history == []
+    assert tensors_digest(current_weights(app.model, [module])) == before and app.history == []

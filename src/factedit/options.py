@@ -17,10 +17,11 @@ _MISSING = object()
 
 
 def _fail(key: str, value, must: str):
-    raise FacteditError(f"{key}={_shown(value)}: {must}")
+    raise FacteditError(f"{key}={shown(value)}: {must}")
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
+    """A value as it goes in a one-line message: strings as they are, other values as repr, cut at 60."""
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -151,33 +152,38 @@ TRAINER = {
 STATS = {"stats.dir": text(), "stats.source": text(), "stats.tokens": integer(1, null=True), "stats.auto": boolean,
          "stats.auto_tokens": integer(1)}  # fmt: skip
 COMMON = {"seed": integer(0, 2**32 - 1), **TRAINER}
+PROBE = {"probe.top_k": integer(1, 100), "probe.max_new_tokens": integer(0, 1000)}
+TRACE = {
+    "samples": integer(1, 10_000),
+    "noise": number(open_low=True),
+    "noise_std_from": choice("subjects", "vocab"),
+    "corruption": choice("noise", "replace"),
+    "window": integer(1),
+    "batch_size": integer(1),
+    "min_prob": number(0.0, 1.0),
+    "data.path": text(),
+}  # causal tracing's settings (configs/trace.yaml)
 OPTIONS = {
-    "edit": {**COMMON, **STATS, "run": name, "out_dir": text(), "facts": existing_file(), "resume": saved_edits(False),
-             "batch_size": integer(1, null=True), "revert": boolean, "save_model": boolean,
-             "probe.top_k": integer(1, 100), "probe.max_new_tokens": integer(0, 1000)},
+    "edit": {**COMMON, **STATS, **PROBE, "run": name, "out_dir": text(), "facts": existing_file(),
+             "resume": saved_edits(False), "batch_size": integer(1, null=True), "revert": boolean,
+             "save_model": boolean},
     "evaluate": {**COMMON, **STATS, "run": name, "out_dir": text(), "label": text(), "pre": boolean, "gen": generation,
                  "edits": saved_edits(True),
                  "sequential": boolean, "batch_size": integer(1), "checkpoint_every": integer(1),
                  "control_records": integer(0), "perplexity_tokens": integer(2), "generation_prompts": integer(0),
                  "generation_tokens": integer(2, 2048), "data.path": text(), "data.limit": integer(1, null=True),
                  "data.kind": choice("counterfact", "zsre")},
-    "trace": {**COMMON, "mode": choice("single", "aggregate"), "samples": integer(1, 10_000),
-              "noise": number(open_low=True), "noise_std_from": choice("subjects", "vocab"),
-              "corruption": choice("noise", "replace"), "window": integer(1), "kinds": kinds,
-              "batch_size": integer(1), "force": boolean, "min_prob": number(0.0, 1.0),
-              "threads": integer(1, null=True), "data.path": text(), "data.limit": integer(1), "out_dir": text()},
+    "trace": {**COMMON, **TRACE, "mode": choice("single", "aggregate"), "kinds": kinds, "force": boolean,
+              "threads": integer(1, null=True), "data.limit": integer(1), "out_dir": text()},
     "precompute_stats": {**COMMON, "layers": layers, "force": boolean, "stats_dir": text(), "report": boolean,
                          "report_subjects": integer(1), "report_max_tokens": integer(1, null=True),
                          "report_reference_source": choice("wiki_offline", "wikitext", "wikipedia", null=True),
                          "data.source": choice("wiki_offline", "wikitext", "wikipedia"),
                          "data.max_tokens": integer(1, null=True), "data.seq_len": integer(2, 1_000_000),
                          "data.batch_size": integer(1), "data.save_every": integer(0)},
-    "app": {**COMMON, **STATS, "host": text(null=False), "port": integer(1, 65535), "threads": integer(1, null=True),
-            "checkpoints_dir": text(), "probe.top_k": integer(1, 100), "probe.max_new_tokens": integer(0, 1000),
-            "trace.samples": integer(1, 10_000), "trace.noise": number(open_low=True),
-            "trace.noise_std_from": choice("subjects", "vocab"), "trace.corruption": choice("noise", "replace"),
-            "trace.window": integer(1), "trace.batch_size": integer(1), "trace.min_prob": number(0.0, 1.0),
-            "trace.data.path": text()},
+    "app": {**COMMON, **STATS, **PROBE, **{f"trace.{key}": check for key, check in TRACE.items()},
+            "host": text(null=False), "port": integer(1, 65535), "threads": integer(1, null=True),
+            "checkpoints_dir": text()},
 }  # fmt: skip
 
 
@@ -197,10 +203,12 @@ def validate(cfg: DictConfig, task: str) -> None:
 
         load_facts(cfg.facts) if cfg.get("facts") else fact_from_config(cfg.fact)  # subject, prompt with one {}, object
     if task == "trace" and cfg.mode == "single":
-        _check_trace_fact(cfg.fact)
+        check_trace_fact(cfg.fact)
 
 
-def _check_trace_fact(fact: DictConfig) -> None:
+def check_trace_fact(fact: DictConfig) -> None:
+    """A traced fact's subject and prompt are set; a prompt template holds one `{}` and no other brace (a
+    prompt without braces holds the subject itself)."""
     from factedit.rome.facts import check_prompt
 
     for key in ("subject", "prompt"):

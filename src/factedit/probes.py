@@ -14,6 +14,21 @@ def next_token_logits(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     return logits[torch.arange(len(prompts), device=logits.device), last].float()
 
 
+def probe_prompts(facts) -> tuple[list[str], list[str]]:
+    """The texts probed around an edit of `facts` (each fact's prompt, then its generalization and specificity
+    probes) and the kind of each: edit, generalization, specificity."""
+    prompts, kinds = [], []
+    for fact in facts:
+        for kind, items in (
+            ("edit", [fact.text]),
+            ("generalization", fact.generalization_probes),
+            ("specificity", fact.specificity_probes),
+        ):
+            prompts += list(items)
+            kinds += [kind] * len(items)
+    return prompts, kinds
+
+
 @torch.no_grad()
 def probe(model, tokenizer, prompts: list[str], top_k: int = 3, max_new_tokens: int = 12) -> list[dict]:
     """For each prompt: its top-k next tokens with probabilities and a greedy continuation."""

@@ -4,7 +4,6 @@ takes `App.lock`, so two browser tabs never interleave on the weights; reads (st
 never wait for it."""
 
 import base64
-import hashlib
 import json
 import logging
 import re
@@ -20,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from factedit.architectures import get_module
 from factedit.errors import FacteditError
+from factedit.io import tensors_digest
 from factedit.models import model_fingerprint
 from factedit.paths import CHECKPOINT_DIR
-from factedit.probes import next_token_logits, probe, probe_table
+from factedit.probes import next_token_logits, probe, probe_prompts, probe_table
 from factedit.rome.edits import Edit, WeightBackup, apply_edits, load_edits, revert_edits, save_edits
 from factedit.rome.facts import Fact, check_prompt
 from factedit.rome.hparams import RomeHparams, resolve_hparams
@@ -73,16 +73,6 @@ class Progress:
         elapsed = round(time.perf_counter() - self.started, 1) if self.busy else 0.0
         return {"task": self.task, "step": self.step, "total": self.total, "message": self.message,
                 "busy": self.busy, "elapsed": elapsed}  # fmt: skip
-
-
-def weights_digest(weights: dict) -> str:
-    """SHA-256 of the exact bytes of named weights {module name: tensor} (what an undo must give back)."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        weight = weights[name].detach().cpu().contiguous()
-        digest.update(name.encode())
-        digest.update(weight.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def current_weights(model, names) -> dict:
@@ -187,7 +177,7 @@ class App:
         """The weights as they are now, exactly: the base fingerprint and the SHA-256 of every module an edit in
         the history changed (model_fingerprint alone rounds to bfloat16, which can hide a small edit)."""
         touched = {name for applied in self.history for name in applied.backup}
-        return model_fingerprint(self.model), weights_digest(current_weights(self.model, touched))
+        return model_fingerprint(self.model), tensors_digest(current_weights(self.model, touched))
 
     def trace_settings(self) -> dict:
         """trace_fact's settings from the config's `trace:` block; the noise basis is measured once."""
@@ -229,9 +219,7 @@ class App:
                     name=subject,  # what the editor's messages call the fact
                     generalization_probes=lines_field(data, "generalization"),
                     specificity_probes=lines_field(data, "specificity"))  # fmt: skip
-        prompts = [fact.text, *fact.generalization_probes, *fact.specificity_probes]
-        kinds = ["edit"] + ["generalization"] * len(fact.generalization_probes)
-        kinds += ["specificity"] * len(fact.specificity_probes)
+        prompts, kinds = probe_prompts([fact])
         check_prompt_lengths(self.tokenizer, self.model, prompts)
         hparams = self.rome
         with self.running("edit", total=3) as progress:
@@ -250,7 +238,7 @@ class App:
                 revert_edits(self.model, edits.backup)
                 raise
             made = edits[0]
-            digest = weights_digest(edits.backup)
+            digest = tensors_digest(edits.backup)
             applied = Applied(made, edits.backup, digest, prompts[:1], logits_before, "edit", seconds)
             self.history = [*self.history, applied]
         rows = [{"prompt": b["prompt"], "kind": k, "before": b, "after": a} for b, a, k in zip(before, after, kinds)]
@@ -277,7 +265,7 @@ class App:
             revert_edits(self.model, WeightBackup(last.backup))
             seconds = time.perf_counter() - start
             self.history = self.history[:-1]
-            weights_exact = weights_digest(current_weights(self.model, last.backup)) == last.digest
+            weights_exact = tensors_digest(current_weights(self.model, last.backup)) == last.digest
             logits_exact = torch.equal(next_token_logits(self.model, self.tokenizer, last.prompts), last.logits_before)
         fact = last.edit.fact
         return {"undone": f"{fact.get('subject')} -> {fact.get('target_new')}", "weights_exact": weights_exact,
@@ -329,7 +317,7 @@ class App:
             backup = apply_edits(self.model, [made])
             seconds = time.perf_counter() - start
             old = previous[index] if previous else None
-            applied = Applied(made, backup, weights_digest(backup), prompts, logits_before,
+            applied = Applied(made, backup, tensors_digest(backup), prompts, logits_before,
                               old.source if old else str(source), old.seconds if old else seconds)  # fmt: skip
             self.history = [*self.history, applied]
 
@@ -349,20 +337,14 @@ class App:
     @contextmanager
     def original_weights(self):
         """The base weights swapped in (from the backups) and the edited ones put back after, bit for bit."""
+        from factedit.evaluation.sequential import base_weights
+
         originals: dict[str, torch.Tensor] = {}
         for applied in self.history:  # the first backup of a module holds its base weight
             for name, weight in applied.backup.items():
                 originals.setdefault(name, weight)
-        current = {name: get_module(self.model, name).weight.detach().clone() for name in originals}
-        try:
-            with torch.no_grad():
-                for name, weight in originals.items():
-                    get_module(self.model, name).weight.copy_(weight)
+        with base_weights(self.model, originals):
             yield
-        finally:
-            with torch.no_grad():
-                for name, weight in current.items():
-                    get_module(self.model, name).weight.copy_(weight)
 
     def close(self) -> None:
         """Revert every edit (the model is as loaded again)."""

@@ -13,7 +13,7 @@ from factedit.errors import FacteditError
 from factedit.io import write_json
 from factedit.models import load_model, model_fingerprint
 from factedit.paths import CHECKPOINT_DIR
-from factedit.probes import next_token_logits, probe, probe_table
+from factedit.probes import next_token_logits, probe, probe_prompts, probe_table
 from factedit.rome.edits import apply_edits, facts_of, load_edits, revert_edits, save_edits
 from factedit.rome.facts import fact_from_config, fact_texts, load_facts
 from factedit.rome.hparams import MemitHparams, RomeHparams, resolve_hparams
@@ -23,19 +23,6 @@ from factedit.stats.files import second_moments
 from factedit.tokens import check_prompt_lengths
 
 log = logging.getLogger("factedit.edit")
-
-
-def _probe_prompts(facts) -> tuple[list[str], list[str]]:
-    prompts, kinds = [], []
-    for fact in facts:
-        for kind, items in (
-            ("edit", [fact.text]),
-            ("generalization", fact.generalization_probes),
-            ("specificity", fact.specificity_probes),
-        ):
-            prompts += list(items)
-            kinds += [kind] * len(items)
-    return prompts, kinds
 
 
 def _output_dir(cfg) -> Path:
@@ -48,7 +35,7 @@ def _output_dir(cfg) -> Path:
 def show_revert(cfg, model, tokenizer, prior) -> None:
     """Apply the saved edits, then revert them, and check the original logits come back bit for bit."""
     facts = [fact_from_config(fact) for fact in facts_of(prior)]
-    prompts, kinds = _probe_prompts(facts)
+    prompts, kinds = probe_prompts(facts)
     base_logits = next_token_logits(model, tokenizer, prompts)
     backup = apply_edits(model, prior)
     edited = probe(model, tokenizer, prompts, **cfg.probe)
@@ -82,7 +69,7 @@ def run(cfg) -> Path | None:
     check_prompt_lengths(tokenizer, model, fact_texts(facts))
     write, trainer = _writer(cfg, model, tokenizer)  # C of the base weights, as ROME and MEMIT
     apply_edits(model, prior)
-    prompts, kinds = _probe_prompts(facts)
+    prompts, kinds = probe_prompts(facts)
     before = probe(model, tokenizer, prompts, **cfg.probe)
     start = time.perf_counter()
     new = write(facts)

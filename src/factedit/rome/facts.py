@@ -9,6 +9,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from factedit.errors import FacteditError
+from factedit.options import shown
 
 
 @dataclass
@@ -54,7 +55,7 @@ def check_prompt(prompt: str, where: str) -> None:
 
 def fact_from_config(cfg) -> Fact:
     if not isinstance(cfg, (dict, DictConfig, Fact)):
-        raise FacteditError(f"a fact must be a mapping with subject, prompt and target_new (got {_shown(cfg)})")
+        raise FacteditError(f"a fact must be a mapping with subject, prompt and target_new (got {shown(repr(cfg))})")
     if isinstance(cfg, DictConfig):
         unset = [key for key in ("subject", "prompt", "target_new") if OmegaConf.is_missing(cfg, key)]
         if unset:
@@ -99,7 +100,7 @@ def load_facts(path) -> list[Fact]:
     facts = []
     for index, item in enumerate(data):
         if not isinstance(item, (dict, DictConfig)):
-            raise FacteditError(f"facts file {path}: item {index} is {_shown(item)}, not a fact mapping "
+            raise FacteditError(f"facts file {path}: item {index} is {shown(repr(item))}, not a fact mapping "
                                 "(subject, prompt, target_new) or a CounterFact record")  # fmt: skip
         facts.append(fact_from_config(_from_counterfact(item, index, path)))
     return facts
@@ -123,8 +124,3 @@ def _from_counterfact(item: dict, index: int, path) -> dict:
     except (KeyError, TypeError) as error:
         raise FacteditError(f"facts file {path}: CounterFact record {index} has no requested_rewrite {error} "
                             "(needs subject, prompt, target_new.str, target_true.str)") from None  # fmt: skip
-
-
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -12,6 +12,7 @@ from factedit.architectures import get_module, module_name
 from factedit.errors import FacteditError
 from factedit.io import write_json
 from factedit.models import load_model, model_fingerprint
+from factedit.options import check_trace_fact
 from factedit.paths import SHARED_DATA_DIR
 from factedit.tokens import check_prompt_lengths, fill_prompt
 from factedit.tracing.aggregate import average_effects, known_facts, read_counterfact, trace_facts
@@ -85,9 +86,7 @@ def _slug(text: str) -> str:
 
 def fact_from_config(cfg) -> dict:
     """subject, prompt, target_true (optional) and a name for the output folder."""
-    for key in ("subject", "prompt"):
-        if key not in cfg.fact or OmegaConf.is_missing(cfg.fact, key) or not str(cfg.fact[key] or "").strip():
-            raise FacteditError(f"fact.{key} is not set: pick fact=<name> or pass fact.{key}=... on the command line")
+    check_trace_fact(cfg.fact)
     fact = {key: cfg.fact.get(key) for key in ("subject", "prompt", "target_true", "name")}
     if not fact["name"] or _fact_overridden():
         fact["name"] = _slug(fact["subject"])
