@@ -1,8 +1,10 @@
-"""The browser app's waits against the command line's, in one run on SmolLM2-135M (docs/app.md):
+"""The browser app's waits against the command line's, on SmolLM2-135M, as a user meets them (docs/app.md):
 
 page ready   `python src/app.py` started as a process until its page answers (model cache warm)
-edit         Eiffel Tower -> Rome with the fact's six probes: POST /api/edit (click to table) against
-             factedit.rome.edit on the same weights (what `src/edit.py` reports as "edit(s) in"), interleaved
+edit         Eiffel Tower -> Rome with the fact's six probes, to the app process: POST /api/edit (click to table:
+             top tokens before and after), then POST /api/continuations (the greedy continuations that complete
+             the table), against the time `python src/edit.py fact=eiffel_rome` reports as "edit(s) in" (its
+             own process), interleaved round by round; the app process idles while the command runs
 undo         POST /api/undo (revert, then the SHA-256 and logits checks)
 
 python benchmarks/bench_app.py --rounds 3
@@ -10,15 +12,15 @@ python benchmarks/bench_app.py --rounds 3
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
-from factedit import edit, load_model, revert_edits
-from factedit.app import App, serve_in_thread
 from factedit.cli import check_command
 from factedit.paths import REPO_ROOT
 from factedit.rome.facts import fact_from_config
@@ -30,23 +32,30 @@ def post(url: str, path: str, body: dict) -> dict:
         return json.load(response)
 
 
-def page_ready(port: int) -> float:
-    """Seconds from starting `python src/app.py` until GET / answers."""
+def start_app(port: int, folder: Path) -> tuple[subprocess.Popen, float]:
+    """`python src/app.py` as a process, and the seconds until GET / answers."""
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as hydra_dir:
-        process = subprocess.Popen([sys.executable, "src/app.py", f"port={port}", f"hydra.run.dir={hydra_dir}"],
-                                   cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen([sys.executable, "src/app.py", f"port={port}", f"hydra.run.dir={folder}",
+                                f"checkpoints_dir={folder / 'checkpoints'}"], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    while time.perf_counter() - start < 300:
         try:
-            while time.perf_counter() - start < 300:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
-                    return time.perf_counter() - start
-                except OSError:
-                    time.sleep(0.1)
-            raise RuntimeError("the app did not answer within 300 s")
-        finally:
-            process.terminate()
-            process.wait()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
+            return process, time.perf_counter() - start
+        except OSError:
+            time.sleep(0.1)
+    process.terminate()
+    raise RuntimeError("the app did not answer within 300 s")
+
+
+def cli_edit_seconds(folder: Path) -> float:
+    """The edit time `python src/edit.py fact=eiffel_rome` logs ("1 edit(s) in 3.7s")."""
+    command = [sys.executable, "src/edit.py", "fact=eiffel_rome", f"out_dir={folder}", f"hydra.run.dir={folder}/h"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    found = re.search(r"(\d+) edit\(s\) in ([\d.]+)s", done.stdout + done.stderr)
+    if done.returncode or not found:
+        raise RuntimeError(f"src/edit.py failed: {(done.stdout + done.stderr)[-2000:]}")
+    return float(found.group(2))
 
 
 def main():
@@ -54,34 +63,41 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8199)
     args = parser.parse_args()
-    ready = page_ready(args.port)
-    print(f"page ready: {ready:.1f} s", flush=True)
-    model, tokenizer = load_model("smollm2_135m")
-    cfg = check_command("app", [])
     fact = fact_from_config(check_command("edit", ["fact=eiffel_rome"]).fact)
-    app = App(cfg, model, tokenizer)
-    server, url = serve_in_thread(app)
     body = {"subject": fact.subject, "prompt": fact.prompt, "target_new": fact.target_new,
             "generalization": "\n".join(fact.generalization_probes),
             "specificity": "\n".join(fact.specificity_probes)}  # fmt: skip
-    revert_edits(model, edit(model, tokenizer, fact).backup)  # warm-up: templates, first-use costs
-    times = {"edit() alone (the CLI's edit time)": [], "app: click to table": [], "app: undo": []}
-    for _ in range(args.rounds):
-        start = time.perf_counter()
-        revert_edits(model, edit(model, tokenizer, fact).backup)
-        times["edit() alone (the CLI's edit time)"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        post(url, "/api/edit", body)
-        times["app: click to table"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        answer = post(url, "/api/undo", {})
-        times["app: undo"].append(time.perf_counter() - start)
-        assert answer["weights_exact"] and answer["logits_exact"], answer
-    server.shutdown()
-    app.close()
-    alone = statistics.median(times["edit() alone (the CLI's edit time)"])
+    cli, table, full, undo = (
+        "src/edit.py: edit(s) in",
+        "app: click to table",
+        "app: table with continuations",
+        "app: undo",
+    )
+    times = {cli: [], table: [], full: [], undo: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        process, ready = start_app(args.port, Path(tmp) / "app")
+        print(f"page ready: {ready:.1f} s", flush=True)
+        url = f"http://127.0.0.1:{args.port}"
+        try:
+            post(url, "/api/undo", post(url, "/api/edit", body) and {})  # warm-up: statistics, first-use costs
+            for round_ in range(args.rounds):
+                times[cli].append(cli_edit_seconds(Path(tmp) / f"cli{round_}"))
+                start = time.perf_counter()
+                index = post(url, "/api/edit", body)["index"]
+                times[table].append(time.perf_counter() - start)
+                post(url, "/api/continuations", {"index": index})
+                times[full].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                answer = post(url, "/api/undo", {})
+                times[undo].append(time.perf_counter() - start)
+                assert answer["weights_exact"] and answer["logits_exact"], answer
+                print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in times.items()), flush=True)
+        finally:
+            process.terminate()
+            process.wait()
+    alone = statistics.median(times[cli])
     print(f"\nSmolLM2-135M, Eiffel Tower -> Rome with 6 probes, {args.rounds} rounds; page ready {ready:.1f} s")
-    print("| what | median s | rounds | vs edit() alone |\n|---|---:|---|---:|")
+    print("| what | median s | rounds | vs src/edit.py |\n|---|---:|---|---:|")
     for label, values in times.items():
         shown = ", ".join(f"{v:.2f}" for v in values)
         print(f"| {label} | {statistics.median(values):.2f} | {shown} | {statistics.median(values) - alone:+.2f} s |")

@@ -91,6 +91,12 @@ def test_trace_edit_undo_save_reload_load(browser, page, shots):
     first = browser.find_element(By.CSS_SELECTOR, "#edit-table tr:nth-child(2)")
     assert first.find_element(By.CLASS_NAME, "before").text.startswith("Paris")
     assert first.find_element(By.CLASS_NAME, "after").text.startswith("Rome")
+    # the table shows first, its greedy continuations follow from a second request
+    WebDriverWait(browser, 240).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#edit-table.complete"))
+    )
+    continued = [browser.find_element(By.ID, f"{side}-0").text for side in ("before", "after")]
+    assert all(text and text != "…" for text in continued), continued
     browser.save_screenshot(str(shots / "app_edit.png"))
 
     click(browser, "tab-compare")

@@ -6,6 +6,8 @@ GET  /api/progress       what the running action is doing (never waits for it)
 GET  /api/history        the applied edits, in order
 GET  /api/checkpoints    saved edits that can be loaded
 POST /api/trace|edit|undo|save|load|compare   a JSON object in, a JSON object out
+POST /api/continuations  {"index": i}: the greedy continuations of edit i's probes before and after it (the page
+                         asks right after /api/edit answers, so the table shows before these are decoded)
 
 A FacteditError is answered 400 {"error": message} with the message as is; anything else 500 with one line.
 """
@@ -30,7 +32,8 @@ def handler_for(app: App) -> type:
     reads = {"/api/status": app.status, "/api/progress": lambda: app.progress.to_dict(),
              "/api/history": app.history_view, "/api/checkpoints": app.checkpoint_names}  # fmt: skip
     actions = {"/api/trace": app.trace, "/api/edit": app.edit, "/api/undo": lambda data: app.undo(),
-               "/api/save": app.save, "/api/load": app.load, "/api/compare": app.compare}  # fmt: skip
+               "/api/save": app.save, "/api/load": app.load, "/api/compare": app.compare,
+               "/api/continuations": app.continuations}  # fmt: skip
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
@@ -46,7 +49,7 @@ def handler_for(app: App) -> type:
             action = actions.get(self.path.split("?", 1)[0])
             if action is None:
                 return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such action: {self.path}"})
-            self._answer(lambda: action(self._body()))
+            self._answer(lambda: app.call(action, self._body()))  # queued on the one model thread
 
         def _body(self) -> dict:
             length = int(self.headers.get("Content-Length") or 0)

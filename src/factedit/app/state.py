@@ -1,7 +1,9 @@
 """What the app holds and does: one model in memory, the edits applied to it in order, and the actions of
 the page (trace, edit, undo, save, load, compare). Every action that runs the model or changes its weights
 takes `App.lock`, so two browser tabs never interleave on the weights; reads (status, history, progress)
-never wait for it."""
+never wait for it. The server hands actions to `App.call`, which runs them one after another on one model
+thread (a queue of one worker): torch's CPU thread pool then stays that thread's, where a fresh thread per
+request would start its own beside the idle ones and run the same edit ~1.5 s slower on a 2-core machine."""
 
 import base64
 import json
@@ -10,6 +12,7 @@ import re
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,7 @@ from factedit.errors import FacteditError
 from factedit.io import tensors_digest
 from factedit.models import model_fingerprint
 from factedit.paths import CHECKPOINT_DIR
-from factedit.probes import next_token_logits, probe, probe_prompts, probe_table
+from factedit.probes import continuations, next_token_logits, probe, probe_prompts, probe_table, top_tokens
 from factedit.rome.edits import Edit, WeightBackup, apply_edits, load_edits, revert_edits, save_edits
 from factedit.rome.facts import Fact, check_prompt
 from factedit.rome.hparams import RomeHparams, resolve_hparams
@@ -39,7 +42,8 @@ SAVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 @dataclass
 class Applied:
     """One edit in the history: the Edit, the bit-exact weights it replaced, and what proves an undo exact
-    (the SHA-256 of those weights, the next-token logits of its probes before it was applied)."""
+    (the SHA-256 of those weights, the next-token logits of its probes before it was applied). `prompts` are
+    also the probes whose continuations `/api/continuations` fills into the edit's table."""
 
     edit: Edit
     backup: WeightBackup
@@ -48,6 +52,7 @@ class Applied:
     logits_before: torch.Tensor
     source: str = "edit"  # edit, or load:<checkpoint>
     seconds: float = 0.0
+    kinds: list[str] = field(default_factory=list)
 
     def summary(self, index: int) -> dict:
         fact = self.edit.fact
@@ -103,6 +108,7 @@ class App:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.checkpoints = Path(checkpoints or cfg.get("checkpoints_dir") or CHECKPOINT_DIR)
         self.lock = threading.Lock()  # serializes everything that runs the model or changes its weights
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="factedit-model")  # see the docstring
         self.history: list[Applied] = []  # replaced, never mutated in place, so readers need no lock
         self.progress = Progress()
         self.base = model_fingerprint(model)  # the weights as loaded: statistics and saved edits are bound to them
@@ -127,6 +133,10 @@ class App:
         return {"checkpoints": [path.parent.name for path in found], "folder": str(self.checkpoints)}
 
     # ------------------------------------------------------------ running one action at a time
+
+    def call(self, action, *args):
+        """Run `action(*args)` on the model thread, after the actions queued before it; its answer or error."""
+        return self.worker.submit(action, *args).result()
 
     @contextmanager
     def running(self, task: str, total: int = 1):
@@ -213,7 +223,9 @@ class App:
     # ------------------------------------------------------------ edit
 
     def edit(self, data: dict) -> dict:
-        """One ROME edit applied in memory: the probe table before/after, its seconds and v* steps."""
+        """One ROME edit applied in memory: the probe table before/after with top tokens (one forward a side), its
+        seconds and v* steps. The greedy continuations (a decode loop a side, the slow part) are left empty here
+        and filled by `continuations`, which the page asks for right after, so the table shows without them."""
         subject = text_field(data, "subject")
         fact = Fact(subject=subject, prompt=text_field(data, "prompt"), target_new=text_field(data, "target_new"),
                     name=subject,  # what the editor's messages call the fact
@@ -221,30 +233,50 @@ class App:
                     specificity_probes=lines_field(data, "specificity"))  # fmt: skip
         prompts, kinds = probe_prompts([fact])
         check_prompt_lengths(self.tokenizer, self.model, prompts)
-        hparams = self.rome
+        hparams, top_k = self.rome, int(self.cfg.probe.top_k)
         with self.running("edit", total=3) as progress:
             progress.message = "edit: key statistics"
             second_moment = self.second_moment(hparams.layer)
             progress.step, progress.message = 1, "edit: probing before"
-            logits_before = next_token_logits(self.model, self.tokenizer, prompts[:1])  # undo's check: one forward
-            before = probe(self.model, self.tokenizer, prompts, **self.cfg.probe)
+            logits_before = next_token_logits(self.model, self.tokenizer, prompts)  # also undo's exactness check
             progress.step, progress.message = 2, "edit: fitting v* and writing the edit"
             start = time.perf_counter()
             edits = rome_edit(self.model, self.tokenizer, [fact], {hparams.layer: second_moment}, hparams)
             seconds = time.perf_counter() - start
             try:
-                after = probe(self.model, self.tokenizer, prompts, **self.cfg.probe)
+                logits_after = next_token_logits(self.model, self.tokenizer, prompts)
             except BaseException:  # an edit is in the history or not applied at all
                 revert_edits(self.model, edits.backup)
                 raise
             made = edits[0]
             digest = tensors_digest(edits.backup)
-            applied = Applied(made, edits.backup, digest, prompts[:1], logits_before, "edit", seconds)
+            applied = Applied(made, edits.backup, digest, prompts, logits_before, "edit", seconds, kinds)
             self.history = [*self.history, applied]
-        rows = [{"prompt": b["prompt"], "kind": k, "before": b, "after": a} for b, a, k in zip(before, after, kinds)]
-        return {"rows": rows, "table": probe_table(before, after, kinds), "seconds": round(seconds, 2),
-                "v_steps": made.info.get("steps"), "p_target": made.info.get("p_target"), "layer": made.layer,
-                "edits": len(self.history)}  # fmt: skip
+        before = top_tokens(self.tokenizer, logits_before, top_k)
+        after = top_tokens(self.tokenizer, logits_after, top_k)
+        rows = [{"prompt": prompt, "kind": kind, "before": {"prompt": prompt, "top": b, "continuation": None},
+                 "after": {"prompt": prompt, "top": a, "continuation": None}}
+                for prompt, kind, b, a in zip(prompts, kinds, before, after)]  # fmt: skip
+        return {"rows": rows, "table": probe_table([r["before"] for r in rows], [r["after"] for r in rows], kinds),
+                "seconds": round(seconds, 2), "v_steps": made.info.get("steps"), "p_target": made.info.get("p_target"),
+                "layer": made.layer, "index": len(self.history) - 1, "edits": len(self.history)}  # fmt: skip
+
+    def continuations(self, data: dict) -> dict:
+        """The greedy continuations of edit `index`'s probes on the weights just before and just after it (the
+        edits after it swapped out, bit for bit, and back in after): what fills the edit table's text."""
+        index = data.get("index")
+        with self.running("continuations", total=2) as progress:
+            history = self.history
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(history):
+                raise FacteditError(f"index {index!r}: no such edit in the history (it has {len(history)})")
+            applied, steps = history[index], int(self.cfg.probe.max_new_tokens)
+            progress.message = "continuations: after the edit"
+            with self.weights_before(index + 1):
+                after = continuations(self.model, self.tokenizer, applied.prompts, steps)
+            progress.step, progress.message = 1, "continuations: before the edit"
+            with self.weights_before(index):
+                before = continuations(self.model, self.tokenizer, applied.prompts, steps)
+        return {"index": index, "prompts": applied.prompts, "before": before, "after": after}
 
     def second_moment(self, layer: int) -> torch.Tensor:
         """C of the rewrite layer as the edit CLI loads it (stats/, or stats.dir), on the unedited weights."""
@@ -337,19 +369,27 @@ class App:
     @contextmanager
     def original_weights(self):
         """The base weights swapped in (from the backups) and the edited ones put back after, bit for bit."""
+        with self.weights_before(0):
+            yield
+
+    @contextmanager
+    def weights_before(self, index: int):
+        """The weights as they were before edit `index` of the history (from the backups of it and the edits after
+        it: the first backup of a module holds its weight then); the current ones put back after, bit for bit."""
         from factedit.evaluation.sequential import base_weights
 
-        originals: dict[str, torch.Tensor] = {}
-        for applied in self.history:  # the first backup of a module holds its base weight
+        earlier: dict[str, torch.Tensor] = {}
+        for applied in self.history[index:]:
             for name, weight in applied.backup.items():
-                originals.setdefault(name, weight)
-        with base_weights(self.model, originals):
+                earlier.setdefault(name, weight)
+        with base_weights(self.model, earlier):
             yield
 
     def close(self) -> None:
-        """Revert every edit (the model is as loaded again)."""
+        """Revert every edit (the model is as loaded again) and stop the model thread."""
         with self.lock:
             self._revert_all()
+        self.worker.shutdown(wait=False)
 
 
 def check_text_of(made: Edit) -> str:
