@@ -83,9 +83,9 @@ def main():
             for round_ in range(args.rounds):
                 times[cli].append(cli_edit_seconds(Path(tmp) / f"cli{round_}"))
                 start = time.perf_counter()
-                index = post(url, "/api/edit", body)["index"]
+                edit_id = post(url, "/api/edit", body)["id"]
                 times[table].append(time.perf_counter() - start)
-                post(url, "/api/continuations", {"index": index})
+                post(url, "/api/continuations", {"id": edit_id})
                 times[full].append(time.perf_counter() - start)
                 start = time.perf_counter()
                 answer = post(url, "/api/undo", {})

@@ -127,13 +127,13 @@ def test_continuations_fill_the_table_exactly_while_two_tabs_queue(served):
     prompts = ["Eiffel Tower is located in the city of", louvre]
     unedited = probe(app.model, app.tokenizer, prompts, **app.cfg.probe)  # the edit command's probe, base weights
     status, edited = client.post("/api/edit", {**EIFFEL, "target_new": "Rome", "specificity": louvre})
-    assert status == 200 and edited["index"] == 0, edited
+    assert status == 200 and edited["id"] >= 1, edited
     assert all(row[side]["continuation"] is None for row in edited["rows"] for side in ("before", "after"))
     assert [row["before"]["top"] for row in edited["rows"]] == [r["top"] for r in unedited]
     after = probe(app.model, app.tokenizer, prompts, **app.cfg.probe)
     assert [row["after"]["top"] for row in edited["rows"]] == [r["top"] for r in after]
     key = app.weights_key()
-    status, filled = client.post("/api/continuations", {"index": 0})
+    status, filled = client.post("/api/continuations", {"id": edited["id"]})
     assert status == 200 and app.weights_key() == key  # the edited weights are back, bit for bit
     assert filled["before"] == [r["continuation"] for r in unedited]
     assert filled["after"] == [r["continuation"] for r in after] and filled["before"] != filled["after"]
@@ -142,28 +142,30 @@ def test_continuations_fill_the_table_exactly_while_two_tabs_queue(served):
     answers = {}
     tabs = {"edit": ("/api/edit", {"subject": "Colosseum", "prompt": "{} is located in the city of",
                                    "target_new": "Paris"}),
-            "continuations": ("/api/continuations", {"index": 0})}  # fmt: skip
+            "continuations": ("/api/continuations", {"id": edited["id"]})}  # fmt: skip
     send = lambda name, request: answers.__setitem__(name, client.post(*request))  # noqa: E731
     workers = [threading.Thread(target=send, args=item) for item in tabs.items()]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    assert answers["edit"][0] == 200 and answers["edit"][1]["index"] == 1, answers["edit"]
+    assert answers["edit"][0] == 200 and answers["edit"][1]["id"] > edited["id"], answers["edit"]
     assert answers["continuations"] == (200, filled)  # the same text whichever ran first
-    status, again = client.post("/api/continuations", {"index": 0})  # edit 1 swapped out and back in
+    status, again = client.post("/api/continuations", {"id": edited["id"]})  # edit 2 swapped out and back in
     assert again == filled and len(app.history) == 2
     for _ in range(2):
         status, undone = client.post("/api/undo")
         assert status == 200 and undone["weights_exact"] and undone["logits_exact"], undone
     assert app.weights_key() != key and not app.history
+    status, gone = client.post("/api/continuations", {"id": edited["id"]})  # undone: a message, no other text
+    assert status == 400 and "is not applied any more" in gone["error"]
     assert [r["continuation"] for r in probe(app.model, app.tokenizer, prompts, **app.cfg.probe)] == filled["before"]
 
 
 LONG = "The tower " * 150 + "{} is in"  # under the character cap, over the 256-token cap
 BAD = [
-    ("/api/continuations", {"index": 0}, "index 0: no such edit in the history (it has 0)"),
-    ("/api/continuations", {"index": "0"}, "no such edit"),
+    ("/api/continuations", {"id": 1}, "edit 1 is not applied any more"),
+    ("/api/continuations", {}, "edit None is not applied any more"),
     ("/api/edit", {**EIFFEL, "subject": " ", "target_new": "Rome"}, "subject is empty"),
     ("/api/edit", {**EIFFEL, "target_new": ""}, "target_new is empty"),
     ("/api/edit", {**EIFFEL, "prompt": "Where is it?", "target_new": "Rome"}, "needs exactly one '{}'"),

@@ -6,7 +6,7 @@ GET  /api/progress       what the running action is doing (never waits for it)
 GET  /api/history        the applied edits, in order
 GET  /api/checkpoints    saved edits that can be loaded
 POST /api/trace|edit|undo|save|load|compare   a JSON object in, a JSON object out
-POST /api/continuations  {"index": i}: the greedy continuations of edit i's probes before and after it (the page
+POST /api/continuations  {"id": i}: the greedy continuations of edit i's probes before and after it (the page
                          asks right after /api/edit answers, so the table shows before these are decoded)
 
 A FacteditError is answered 400 {"error": message} with the message as is; anything else 500 with one line.

@@ -6,6 +6,7 @@ thread (a queue of one worker): torch's CPU thread pool then stays that thread's
 request would start its own beside the idle ones and run the same edit ~1.5 s slower on a 2-core machine."""
 
 import base64
+import itertools
 import json
 import logging
 import re
@@ -37,6 +38,7 @@ log = logging.getLogger("factedit.app")
 KINDS = ("hidden", "mlp", "attn")
 MAX_FIELD_CHARS = 2000  # longer text is refused before tokenizing (the token cap itself is check_prompt_lengths')
 SAVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+EDIT_IDS = itertools.count(1)
 
 
 @dataclass
@@ -53,10 +55,11 @@ class Applied:
     source: str = "edit"  # edit, or load:<checkpoint>
     seconds: float = 0.0
     kinds: list[str] = field(default_factory=list)
+    id: int = field(default_factory=lambda: next(EDIT_IDS))  # never reused: a page's table names its edit by it
 
     def summary(self, index: int) -> dict:
         fact = self.edit.fact
-        return {"index": index, "subject": fact.get("subject"), "prompt": fact.get("prompt"),
+        return {"index": index, "id": self.id, "subject": fact.get("subject"), "prompt": fact.get("prompt"),
                 "target_new": fact.get("target_new"), "layer": self.edit.layer, "module": self.edit.module,
                 "source": self.source, "seconds": round(self.seconds, 2),
                 "v_steps": self.edit.info.get("steps")}  # fmt: skip
@@ -259,16 +262,20 @@ class App:
                 for prompt, kind, b, a in zip(prompts, kinds, before, after)]  # fmt: skip
         return {"rows": rows, "table": probe_table([r["before"] for r in rows], [r["after"] for r in rows], kinds),
                 "seconds": round(seconds, 2), "v_steps": made.info.get("steps"), "p_target": made.info.get("p_target"),
-                "layer": made.layer, "index": len(self.history) - 1, "edits": len(self.history)}  # fmt: skip
+                "layer": made.layer, "id": applied.id, "edits": len(self.history)}  # fmt: skip
 
     def continuations(self, data: dict) -> dict:
-        """The greedy continuations of edit `index`'s probes on the weights just before and just after it (the
-        edits after it swapped out, bit for bit, and back in after): what fills the edit table's text."""
-        index = data.get("index")
+        """The greedy continuations of edit `id`'s probes on the weights just before and just after it (the edits
+        after it swapped out, bit for bit, and back in after): what fills the edit table's text. An edit undone
+        meanwhile (another tab) is a message, never another edit's text."""
+        edit_id = data.get("id")
         with self.running("continuations", total=2) as progress:
             history = self.history
-            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(history):
-                raise FacteditError(f"index {index!r}: no such edit in the history (it has {len(history)})")
+            found = [i for i, applied in enumerate(history) if applied.id == edit_id]
+            if not found:
+                raise FacteditError(f"edit {edit_id!r} is not applied any more (undone or replaced by a load): "
+                                    "edit again to see its continuations")  # fmt: skip
+            index = found[0]
             applied, steps = history[index], int(self.cfg.probe.max_new_tokens)
             progress.message = "continuations: after the edit"
             with self.weights_before(index + 1):
@@ -276,7 +283,7 @@ class App:
             progress.step, progress.message = 1, "continuations: before the edit"
             with self.weights_before(index):
                 before = continuations(self.model, self.tokenizer, applied.prompts, steps)
-        return {"index": index, "prompts": applied.prompts, "before": before, "after": after}
+        return {"id": edit_id, "prompts": applied.prompts, "before": before, "after": after}
 
     def second_moment(self, layer: int) -> torch.Tensor:
         """C of the rewrite layer as the edit CLI loads it (stats/, or stats.dir), on the unedited weights."""
