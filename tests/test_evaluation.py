@@ -18,7 +18,7 @@ from factedit.architectures import module_name, rewrite_weight
 from factedit.baselines import attention_second_moment, attn_late_hparams, fine_tune, identity_second_moment, late_layer
 from factedit.data.counterfact import DEV_FILE, CounterFactDataModule, Record, load_records
 from factedit.data.wikipedia import WikipediaDataModule
-from factedit.evaluation.command import outcome_config, run
+from factedit.evaluation.command import check_settings, outcome_config, run
 from factedit.evaluation.editors import RankOneEdit
 from factedit.evaluation.generation import TfIdf, generation_entropy, ngram_entropy, text_entropy, wikipedia_tfidf
 from factedit.evaluation.metrics import CounterFactMetrics, EditScore, RecordMean, harmonic_mean
@@ -34,6 +34,7 @@ from factedit.evaluation.probabilities import (
 )
 from factedit.evaluation.report import CHANGE_KEYS, change_from_unedited, compare, score_difference
 from factedit.hooks import Trace
+from factedit.io import write_json
 from factedit.paths import CONFIG_DIR, REPO_ROOT
 from factedit.rome import edit, resolve_hparams
 from factedit.rome.fast.low_precision import native_bf16
@@ -548,3 +549,16 @@ def test_two_process_ddp_gives_the_numbers_of_one_process(tmp_path):
             assert two["by_relation"][relation][stage] == pytest.approx(row[stage], abs=1e-9), relation
     table = compare([single, tmp_path / "two"], tmp_path, tmp_path / "compare.png")
     assert table.count("| none") == 2 and "| unedited |" in table and (tmp_path / "compare.png").stat().st_size > 5000
+
+
+def test_an_option_added_later_at_its_neutral_value_lets_saved_runs_resume(tmp_path):
+    """A run saved before null_space_cov_weight existed resumes with it at 0 (the same numbers), not with 2."""
+    cpu = torch.device("cpu")
+    saved = {"editor_config": outcome_config({"null_space_l2": 10.0, "bf16": False}, cpu)}
+    write_json(tmp_path / "settings.json", saved)
+    same = outcome_config({"null_space_l2": 10.0, "bf16": False, "null_space_cov_weight": 0.0}, cpu)
+    check_settings(tmp_path, {"editor_config": same})
+    other = outcome_config({"null_space_l2": 10.0, "bf16": False, "null_space_cov_weight": 2.0}, cpu)
+    assert other["null_space_cov_weight"] == 2.0
+    with pytest.raises(FacteditError, match="editor_config differ"):
+        check_settings(tmp_path, {"editor_config": other})

@@ -146,6 +146,29 @@ def test_null_space_update_leaves_preserved_keys_alone():
     assert (rank_one @ c @ rank_one.T).trace() < 1e-6 * (rank_one @ rank_one.T).trace()
 
 
+def test_null_space_update_with_a_covariance_weight_is_the_minimizer():
+    """With full-rank keys P keeps low- but non-zero-variance directions. μ > 0 (null_space_cov_weight) gives the
+    minimizer over ΔW = ΔW P of ‖ΔW K − R‖² + α‖ΔW‖² + ‖ΔW K_e‖² + μ‖ΔW C^½‖²: its gradient along P is zero, and
+    what Wikipedia's keys see of the update, tr(ΔW C ΔWᵀ), falls as μ grows (float64)."""
+    c = second_moment(48, seed=7)  # full rank
+    projector = null_space_projector(c, threshold=0.8)
+    g = torch.Generator().manual_seed(8)
+    keys, residuals, earlier = (
+        torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((4, 48), (4, 6), (3, 48))
+    )
+    alpha, outer = 0.5, earlier.T @ earlier
+    leaks = []
+    for mu in (0.0, 1.0, 10.0):
+        change = delta_weight(*null_space_update(projector, keys, residuals, outer, alpha, c, mu))
+        assert torch.allclose(change @ projector, change, atol=1e-10)  # the update lies in P's range
+        gradient = ((change @ keys.T - residuals.T) @ keys + alpha * change + change @ (outer + mu * c)) @ projector
+        assert gradient.abs().max() < 1e-9 * (1 + change.abs().max())
+        leaks.append(float((change @ c @ change.T).trace()))
+    assert leaks[0] > leaks[1] > leaks[2] > 0
+    assert torch.equal(delta_weight(*null_space_update(projector, keys, residuals, outer, alpha)),
+                       delta_weight(*null_space_update(projector, keys, residuals, outer, alpha, c, 0.0)))  # fmt: skip
+
+
 def test_edited_keys_are_kept_by_later_null_space_edits():
     """ROME with preserve=null_space narrows P by the keys written before: a later edit cannot move them."""
     c = second_moment(64, rank=30, seed=5)

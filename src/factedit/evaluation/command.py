@@ -18,7 +18,7 @@ from factedit.io import drop_incomplete_line, read_json, read_lines, write_json
 from factedit.models import load_model, model_fingerprint
 from factedit.paths import CHECKPOINT_DIR, REPO_ROOT
 from factedit.rome.fast.low_precision import resolve_bf16
-from factedit.rome.hparams import EXECUTION_ONLY, GPU_ONLY
+from factedit.rome.hparams import EXECUTION_ONLY, GPU_ONLY, NEUTRAL
 from factedit.tokens import special_prefix
 
 log = logging.getLogger("factedit.evaluate")
@@ -70,9 +70,10 @@ def editor_options(cfg, editor) -> dict:
 
 def outcome_config(options: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
     """The editor options that can change a run's numbers on this device (a run resumes across the
-    others); bf16 as it resolves here for a model of `dtype` (auto: whether this hardware has bfloat16)."""
+    others, and across options added later at their neutral value); bf16 as it resolves here for a model of
+    `dtype` (auto: whether this hardware has bfloat16)."""
     ignored = set(EXECUTION_ONLY) | (set() if device.type == "cuda" else set(GPU_ONLY))
-    config = {k: v for k, v in options.items() if k not in ignored}
+    config = {k: v for k, v in options.items() if k not in ignored and (k not in NEUTRAL or v != NEUTRAL[k])}
     if "bf16" in config:
         config["bf16"] = resolve_bf16(config["bf16"], device, dtype)
     return config

@@ -58,7 +58,8 @@ def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, 
         residuals = (targets - residual_stream(model, batch, layers[-1])) / (len(layers) - index)
         if hp.preserve == "null_space":
             projector = null_space_projector(second_moments[layer], hp.null_space_threshold)
-            u, v = null_space_update(projector, keys, residuals, carried, hp.null_space_l2)
+            u, v = null_space_update(projector, keys, residuals, carried, hp.null_space_l2, second_moments[layer],
+                                     hp.null_space_cov_weight)  # fmt: skip
         else:
             u, v = memit_update(second_moments[layer], keys, residuals, hp.mom2_update_weight)
         info = {"layer_of": len(layers), "hparams": hp.to_dict(), "v_steps": [steps for steps, _ in fits],

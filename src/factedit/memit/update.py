@@ -10,7 +10,12 @@ With preserve=null_space (AlphaEdit) the update instead lies in P's range, P the
 the null space of Wikipedia's keys (preserve.py), and keeps the keys edited earlier in the run
 (their sum of outer products C_edited):
 
-    ΔWᵀ = (P(KKᵀ + C_edited) + αI)⁻¹ P K Rᵀ      α = null_space_l2
+    ΔWᵀ = (P(KKᵀ + C_edited + μC) + αI)⁻¹ P K Rᵀ      α = null_space_l2, μ = null_space_cov_weight
+
+the minimizer over ΔW = ΔW P of ‖ΔW K − R‖² + α‖ΔW‖² + ‖ΔW K_edited‖² + μ‖ΔW C^½‖². AlphaEdit has μ = 0:
+its P is an exact null space when the keys are low-rank. Where they are full-rank (SmolLM2's SwiGLU keys)
+P keeps directions of small but non-zero variance, and μ > 0 weighs what Wikipedia's keys still see
+through them, as MEMIT's λ does for the whole space.
 
 Both are returned as thin factors (U (d_mlp, F), V (d_model, F)) with ΔW = V Uᵀ: a batch of F facts
 is a rank-≤F change, saved as two matrices instead of d_model × d_mlp numbers.
@@ -29,11 +34,15 @@ def memit_update(second_moment: torch.Tensor, keys: torch.Tensor, residuals: tor
 
 
 def null_space_update(projector: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor,
-                      edited_outer: torch.Tensor | None, l2: float):  # fmt: skip
-    """U = (P(KKᵀ + C_edited) + αI)⁻¹ P K, V = R (AlphaEdit). edited_outer: Σ k kᵀ of keys edited before (or None)."""
+                      edited_outer: torch.Tensor | None, l2: float, second_moment: torch.Tensor | None = None,
+                      cov_weight: float = 0.0):  # fmt: skip
+    """U = (P(KKᵀ + C_edited + μC) + αI)⁻¹ P K, V = R (AlphaEdit; μ = cov_weight, 0 by default).
+    edited_outer: Σ k kᵀ of keys edited before (or None); second_moment: C, needed when μ > 0."""
     keys, residuals = keys.double(), residuals.double().to(keys.device)
     projector = projector.to(keys)
     outer = keys.T @ keys if edited_outer is None else keys.T @ keys + edited_outer.to(keys)
+    if cov_weight:
+        outer = outer + cov_weight * second_moment.to(keys)
     system = projector @ outer + l2 * torch.eye(len(projector), dtype=keys.dtype, device=keys.device)
     return _solve(system, projector @ keys.T), residuals.T
 

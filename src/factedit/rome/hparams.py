@@ -24,6 +24,9 @@ PRESERVE = ("none", "null_space")
 # How the v* steps run, not what they compute (the same numbers up to rounding): a saved evaluation
 # run resumes across changes of these; tf32 changes numbers on a GPU only.
 EXECUTION_ONLY = ("cuda_graph", "graph_cache", "fused_activations", "facts_per_fit")
+# Options added after runs were saved, with the value at which they change nothing: a run's settings leave
+# them out at that value, so a saved run (its settings.json without them) still resumes and extends.
+NEUTRAL = {"null_space_cov_weight": 0.0}
 GPU_ONLY = ("tf32",)
 
 
@@ -80,6 +83,7 @@ class MemitHparams(ValueHparams):
     layers: tuple = (3, 4, 5, 6, 7, 8)  # the MLPs written, in order; v* is fitted after the last one
     mom2_update_weight: float = 15000.0  # λ in ΔW = R Kᵀ (λC + KKᵀ)⁻¹
     null_space_l2: float = 10.0  # α of AlphaEdit's regularizer when preserve=null_space
+    null_space_cov_weight: float = 0.0  # μ: preserve=null_space also weighs ‖ΔW C^½‖² (memit/update.py); 0: AlphaEdit
     role: str = "layer"
     clamp_norm_factor: float = 0.75  # of the residual stream's norm
     v_num_grad_steps: int = 25
@@ -93,7 +97,7 @@ KINDS = {"rome": RomeHparams, "memit": MemitHparams}
 _CHOICES = {"stop_on": STOP_ON, "update": UPDATES, "role": ROLES, "preserve": PRESERVE, "bf16": ("auto", True, False)}
 _POSITIVE = ("v_num_grad_steps", "v_lr", "clamp_norm_factor", "null_space_threshold", "mom2_update_weight")
 _NON_NEGATIVE = ("layer", "v_weight_decay", "kl_factor", "loss_threshold", "graph_cache", "seed", "null_space_l2",
-                 "facts_per_fit")  # fmt: skip
+                 "facts_per_fit", "null_space_cov_weight")  # fmt: skip
 
 
 def _checked(name: str, value, default):
