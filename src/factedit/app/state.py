@@ -54,7 +54,6 @@ class Applied:
     logits_before: torch.Tensor
     source: str = "edit"  # edit, or load:<checkpoint>
     seconds: float = 0.0
-    kinds: list[str] = field(default_factory=list)
     id: int = field(default_factory=lambda: next(EDIT_IDS))  # never reused: a page's table names its edit by it
 
     def summary(self, index: int) -> dict:
@@ -253,7 +252,7 @@ class App:
                 raise
             made = edits[0]
             digest = tensors_digest(edits.backup)
-            applied = Applied(made, edits.backup, digest, prompts, logits_before, "edit", seconds, kinds)
+            applied = Applied(made, edits.backup, digest, prompts, logits_before, "edit", seconds)
             self.history = [*self.history, applied]
         before = top_tokens(self.tokenizer, logits_before, top_k)
         after = top_tokens(self.tokenizer, logits_after, top_k)
