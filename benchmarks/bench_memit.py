@@ -7,6 +7,8 @@ its edit (efficacy), the peak resident memory, and the steps the fits took.
     python benchmarks/bench_memit.py --facts 100 --baseline-facts 20   # time 20 single fits, scale to 100
     python benchmarks/bench_memit.py --shape gpt2-xl --facts 100 --data dev_head.json --baseline-facts 5  # GPU
     python benchmarks/bench_memit.py --facts 100 --baseline-facts 20 --facts-per-fit 25   # also fits of 25 at a time
+    python benchmarks/bench_memit.py --facts 100 --baseline-facts 10 --narrow   # also with narrow=false (every row
+                                                                                 # every step, fits in file order)
 
 Peak memory is each row's own (the peak resident size is reset before each row).
 
@@ -99,6 +101,7 @@ def main():
     parser.add_argument("--tokenizer", default="smollm2_135m", help="for --shape: the tokenizer of the facts")
     parser.add_argument("--memit", nargs="*", default=[], help="MEMIT options, e.g. layers=[1,2,3] preserve=null_space")
     parser.add_argument("--facts-per-fit", type=int, default=None, help="also MEMIT with v* fitted N facts at a time")
+    parser.add_argument("--narrow", action="store_true", help="also MEMIT with narrow=false, interleaved")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,6 +135,10 @@ def main():
         label = f"memit, {args.facts_per_fit} facts per fit"
         chunked = (label, lambda: time_memit(model, tokenizer, facts, stats, chunked_hp))
         runs = [runs[0], chunked, runs[1], (label + " (again)", chunked[1]), runs[2]]
+    if args.narrow:
+        wide_hp = resolve_hparams(model, {**overrides, "narrow": False}, kind=MemitHparams)
+        wide = ("memit, narrow=false", lambda: time_memit(model, tokenizer, facts, stats, wide_hp))
+        runs = [wide, runs[0], runs[1], (wide[0] + " (again)", wide[1]), runs[2]]
     for label, run in runs:
         reset_peak_memory()
         result = run()

@@ -79,16 +79,35 @@ def fit_targets(model, tokenizer, facts, templates, hp: MemitHparams, trainer_kw
     """z = v₀ + δ of each fact at the residual stream after the last layer of hp.layers, in batched fits
     of hp.facts_per_fit facts: (F, d_model) float64, and [(steps, final P(target))] per fact. A fact the
     model already gives keeps δ = 0."""
+    batch = batch if batch is not None else value_batch(tokenizer, facts, templates, model.device)
     size = hp.facts_per_fit or len(facts)
     if size < len(facts):  # facts never interact in the objective: fits of fewer facts at a time give the same z
-        parts = [fit_targets(model, tokenizer, facts[i : i + size], templates, hp, trainer_kwargs)
-                 for i in range(0, len(facts), size)]  # fmt: skip
-        return torch.cat([targets for targets, _ in parts]), [fit for _, fits in parts for fit in fits]
+        # narrow: facts of alike prompt lengths fit together (a fit's rows are padded to its longest)
+        order = list(range(len(facts)))
+        if hp.narrow:
+            order.sort(key=_live_lengths(batch).__getitem__)
+        parts = [_fit(model, tokenizer, [facts[i] for i in order[start : start + size]], templates, hp, trainer_kwargs)
+                 for start in range(0, len(facts), size)]  # fmt: skip
+        targets, fits = torch.cat([targets for targets, _ in parts]), [fit for _, fits in parts for fit in fits]
+        unsorted = torch.empty(len(order), dtype=torch.long).scatter_(0, torch.tensor(order), torch.arange(len(order)))
+        return targets[unsorted.to(targets.device)], [fits[i] for i in unsorted.tolist()]
+    return _fit(model, tokenizer, facts, templates, hp, trainer_kwargs, batch)
+
+
+def _fit(model, tokenizer, facts, templates, hp: MemitHparams, trainer_kwargs=None, batch=None):
+    """fit_targets of `facts` in one batched fit."""
     batch = batch if batch is not None else value_batch(tokenizer, facts, templates, model.device)
     with value_engine(model, hp.layers[-1], batch, hp) as engine:
         value = compute_value(engine, facts, trainer_kwargs, known="keep")
     fits = [(len(history), history[-1]["p_target"] if history else None) for history in value.histories]
     return value.target_value.double(), fits
+
+
+def _live_lengths(batch: ValueBatch) -> list[int]:
+    """Per fact, the longest of its rows from the subject's last token on: what a step computes of it."""
+    lengths = batch.attention_mask.sum(dim=1) - batch.subject_pos
+    per_fact = torch.zeros(batch.n_facts, dtype=lengths.dtype, device=lengths.device)
+    return per_fact.scatter_reduce(0, batch.fact_of_row, lengths, reduce="amax").tolist()
 
 
 @torch.no_grad()

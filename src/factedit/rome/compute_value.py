@@ -25,7 +25,7 @@ from factedit.architectures import module_name, unembed
 from factedit.errors import FacteditError
 from factedit.hooks import Trace, add_at_positions
 from factedit.rome.hparams import RomeHparams
-from factedit.rome.value_batch import ValueBatch, ZeroRun, check_not_known, known_facts
+from factedit.rome.value_batch import KL_PROMPTS, ValueBatch, ZeroRun, check_not_known, known_facts
 
 log = logging.getLogger(__name__)
 LOSS_NAMES = ("loss", "nll", "kl", "weight_decay", "p_target")
@@ -43,6 +43,7 @@ class ValueObjective:
     def __init__(self, model, batch: ValueBatch, layer: int, run: ZeroRun, *, live=None, hparams=None, fast=True):
         hp = hparams or RomeHparams()
         self.model, self.batch, self.live, self.fast = model, batch, live, fast
+        self.whole_live = live  # `narrow` cuts from it
         self.kl_factor, self.weight_decay = hp.kl_factor, hp.v_weight_decay
         self.rewrite, self.final_norm = module_name(model, hp.role, layer), module_name(model, "final_norm")
         # where a step's rows hold the subject and the targets (subject_pos, target_pos, target_ids, target_weight)
@@ -51,6 +52,22 @@ class ValueObjective:
         with torch.no_grad():
             self.initial_value = run.rewrite_output[bare, subject[bare]]  # v₀: (F, d_model) at each bare prompt
             self.initial_kl_log_probs = unembed(model, run.final_hidden[kl_rows, subject[kl_rows]]).log_softmax(-1)
+        # the rows a step runs: all, until `narrow` leaves out the facts that have stopped
+        self.facts, self.fact_of_row, self.kl_rows = None, batch.fact_of_row, kl_rows  # facts: None = all
+        self.kl_reference = self.initial_kl_log_probs  # (rows' KL prompts, vocab) the unedited next-token log-probs
+
+    def narrow(self, facts: torch.Tensor) -> None:
+        """From now on run only the rows of `facts` ((n,) ascending fact indices): the others have stopped
+        and keep their δ, so their rows would be computed for nothing. Their losses come back NaN.
+        The frozen path only (the rows are cut from the live batch); a fit of one fact never narrows."""
+        batch, n_kl = self.batch, len(KL_PROMPTS)
+        templated = (facts[:, None] * batch.n_prompts + torch.arange(batch.n_prompts, device=facts.device)).flatten()
+        kl_index = (facts[:, None] * n_kl + torch.arange(n_kl, device=facts.device)).flatten()
+        rows = torch.cat([templated, batch.n_facts * batch.n_prompts + kl_index])
+        self.live = self.at = self.whole_live.narrowed(rows, len(templated))
+        self.facts, self.fact_of_row = facts, batch.fact_of_row[rows]
+        self.kl_rows = torch.arange(len(templated), len(rows), device=facts.device)
+        self.kl_reference = self.initial_kl_log_probs[kl_index]
 
     def _final_hidden(self, delta: torch.Tensor) -> torch.Tensor:
         """Final-norm output (rows, seq, d_model) with δ_f added at the subject of every row of fact f."""
@@ -60,7 +77,7 @@ class ValueObjective:
         )
         rows = torch.arange(len(self.at.subject_pos), device=delta.device)
         # one fact: the same δ broadcast to every row (what the float64 and bitwise tests pin down)
-        per_row = delta[0] if batch.n_facts == 1 else delta[batch.fact_of_row]
+        per_row = delta[0] if batch.n_facts == 1 else delta[self.fact_of_row]
 
         def add_delta(name, hidden):
             return add_at_positions(hidden, rows, self.at.subject_pos, per_row) if name == self.rewrite else hidden
@@ -82,16 +99,24 @@ class ValueObjective:
         target_log_probs = target_logits.log_softmax(-1).gather(-1, at.target_ids[..., None])[..., 0]
         weight = at.target_weight  # 0: padding
         mean_log_probs = (target_log_probs * weight).sum(dim=1) / weight.sum(dim=1)  # (F·T,) over each target's tokens
+        n_facts = self.batch.n_facts if self.facts is None else len(self.facts)
         per_fact = "(facts prompts) -> facts prompts"
-        mean_log_probs = rearrange(mean_log_probs, per_fact, facts=self.batch.n_facts)
+        mean_log_probs = rearrange(mean_log_probs, per_fact, facts=n_facts)
         nll = -mean_log_probs.mean(dim=1)
-        kl_rows = self.batch.kl_rows
+        kl_rows = self.kl_rows
         kl_log_probs = unembed(self.model, hidden[kl_rows, at.subject_pos[kl_rows]]).log_softmax(-1)
-        kl_terms = F.kl_div(self.initial_kl_log_probs, kl_log_probs, log_target=True, reduction="none").sum(-1)
-        kl = rearrange(kl_terms, per_fact, facts=self.batch.n_facts).mean(dim=1)  # KL(edited ‖ original)
-        decay = self.weight_decay * delta.norm(dim=-1) / self.initial_value.norm(dim=-1) ** 2
+        kl_terms = F.kl_div(self.kl_reference, kl_log_probs, log_target=True, reduction="none").sum(-1)
+        kl = rearrange(kl_terms, per_fact, facts=n_facts).mean(dim=1)  # KL(edited ‖ original)
+        fitted, initial = delta, self.initial_value
+        if self.facts is not None:
+            fitted, initial = delta[self.facts], initial[self.facts]
+        decay = self.weight_decay * fitted.norm(dim=-1) / initial.norm(dim=-1) ** 2
         p_target = mean_log_probs.exp().mean(dim=1)
-        return dict(loss=nll + self.kl_factor * kl + decay, nll=nll, kl=kl, weight_decay=decay, p_target=p_target)
+        parts = dict(loss=nll + self.kl_factor * kl + decay, nll=nll, kl=kl, weight_decay=decay, p_target=p_target)
+        if self.facts is None:
+            return parts
+        every = torch.full((self.batch.n_facts,), float("nan"), dtype=nll.dtype, device=nll.device)
+        return {name: every.index_put((self.facts,), value) for name, value in parts.items()}
 
 
 class ValueOptimizer(lightning.LightningModule):
@@ -129,6 +154,11 @@ class ValueOptimizer(lightning.LightningModule):
             self.delta.mul_((limit / self.delta.norm(dim=-1, keepdim=True)).clamp(max=1.0))
             self.delta.copy_(torch.where(self.active[:, None], self.delta, self.delta_before))
         return torch.stack([parts[name].detach() for name in LOSS_NAMES])
+
+    def narrow_to_active(self) -> None:
+        """Steps from now on compute only the facts still fitted (the frozen path; a graph keeps its shapes)."""
+        if self.objective.live is not None and self.hp.narrow and 0 < int(self.active.sum()) < len(self.active):
+            self.objective.narrow(self.active.nonzero()[:, 0])
 
     def train_dataloader(self):
         """One epoch of v_num_grad_steps dummy batches: the data is the fixed batch of the objective."""

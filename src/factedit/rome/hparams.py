@@ -23,7 +23,7 @@ ROLES = ("rewrite", "attn_out", "layer")
 PRESERVE = ("none", "null_space")
 # How the v* steps run, not what they compute (the same numbers up to rounding): a saved evaluation
 # run resumes across changes of these; tf32 changes numbers on a GPU only.
-EXECUTION_ONLY = ("cuda_graph", "graph_cache", "fused_activations", "facts_per_fit")
+EXECUTION_ONLY = ("cuda_graph", "graph_cache", "fused_activations", "facts_per_fit", "narrow")
 # Options added after runs were saved, with the value at which they change nothing: a run's settings leave
 # them out at that value, so a saved run (its settings.json without them) still resumes and extends.
 NEUTRAL = {"null_space_cov_weight": 0.0}
@@ -52,6 +52,9 @@ class ValueHparams:
     # How the v* steps run (rome/fast/): the same function, faster.
     fast: bool = True  # compute once what δ cannot reach; logits only where the loss reads them
     fused_activations: bool = True  # GPT-2 / GPT-J's spelled-out tanh-GELU as one kernel
+    # a batch's steps leave out the rows of facts that have stopped (eager steps), and MEMIT's fits of
+    # facts_per_fit group facts of alike prompt lengths
+    narrow: bool = True
     bf16: Any = "auto"  # steps in bfloat16 where the hardware has it: auto | true | false
     tf32: bool = True  # GPU: float32 products in TF32
     cuda_graph: bool = True  # GPU: each step is one CUDA graph replay

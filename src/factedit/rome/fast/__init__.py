@@ -52,8 +52,10 @@ class EagerSteps:
         return [self._step(self._optimizer).tolist()]
 
     def stop_facts(self, facts: list[int]) -> None:
-        """These facts reached the threshold at the step just read: keep their δ from now on."""
+        """These facts reached the threshold at the step just read: keep their δ from now on, and leave
+        their rows out of the next steps."""
         self._state.active[facts] = False
+        self._state.narrow_to_active()
 
     def finish(self) -> list[list]:
         return []

@@ -11,6 +11,9 @@ forward computes at those positions (tested against it in float64).
 The same run is the edit's one pass through the unedited model (`LiveBatch.zero_run`): the keys k
 (compute_key.py), v₀, the KL reference and the known-answer check all read it.
 
+When some facts of a batch have stopped, `LiveBatch.narrowed` cuts the batch down to the rows of
+the others (and to the longest of those rows), so that a step no longer computes rows it never reads.
+
 pad=True rounds the live batch's sizes up to buckets (BUCKETS: frozen keys, live positions,
 target tokens), with the extra keys masked out and the extra target tokens weighted 0, so that
 most facts give the same shapes and a captured CUDA graph of the step serves them all (step_graph.py).
@@ -68,7 +71,9 @@ class LiveBatch:
     target_ids, target_weight: (F·T, n_target) the new object's tokens, weighted 1 (0: padding);
     layer_input: (rows, n_live, d_model) layer L's input at the live positions (replayed below L);
     cache: the frozen keys/values (also in `inputs`, under the model's own argument name);
-    zero_run: the full run at δ = 0 that all of this was cut from.
+    zero_run: the full run at δ = 0 that all of this was cut from;
+    frozen_lengths, live_lengths: (rows,) the frozen positions each row attends to, and its live
+    positions that are not padding; replay: the stand-in for layer L-1 that hands layer L `layer_input`.
     """
 
     inputs: dict
@@ -79,6 +84,44 @@ class LiveBatch:
     layer_input: torch.Tensor
     cache: PrefixCache
     zero_run: ZeroRun
+    frozen_lengths: torch.Tensor
+    live_lengths: torch.Tensor
+    replay: "_Replay | None" = None
+
+    def narrowed(self, rows: torch.Tensor, n_templated: int) -> "LiveBatch":
+        """The LiveBatch of `rows` alone (indices into this batch's rows; the first n_templated are templated
+        rows, in the order of the target tensors), cut to the longest of them, and from now on the one the
+        replay hands layer L: a step on it computes what this batch's step computes at those rows."""
+        n_frozen, n_live = int(self.frozen_lengths[rows].max()), int(self.live_lengths[rows].max())
+        n_frozen_all = self.cache.keys[0].shape[-2]
+        mask = self.inputs["attention_mask"][rows, :, :n_live]  # frozen keys first, then the live positions
+        mask = torch.cat([mask[..., :n_frozen], mask[..., n_frozen_all : n_frozen_all + n_live]], dim=-1)
+        cache = PrefixCache([k[rows, :, :n_frozen] for k in self.cache.keys],
+                            [v[rows, :, :n_frozen] for v in self.cache.values])  # fmt: skip
+        cache_name = next(name for name, value in self.inputs.items() if value is self.cache)
+        templated = rows[:n_templated]
+        narrowed = LiveBatch(
+            inputs={
+                **self.inputs,
+                "input_ids": self.inputs["input_ids"][rows, :n_live],
+                "position_ids": self.inputs["position_ids"][rows, :n_live],
+                "attention_mask": mask,
+                cache_name: cache,
+            },  # fmt: skip
+            subject_pos=self.subject_pos[rows],
+            target_pos=self.target_pos[templated],
+            target_ids=self.target_ids[templated],
+            target_weight=self.target_weight[templated],
+            layer_input=self.layer_input[rows, :n_live],
+            cache=cache,
+            zero_run=self.zero_run,
+            frozen_lengths=self.frozen_lengths[rows],
+            live_lengths=self.live_lengths[rows],
+            replay=self.replay,
+        )
+        if self.replay is not None:
+            self.replay.cached = narrowed.layer_input
+        return narrowed
 
     def step_inputs(self, layer: int) -> list[torch.Tensor]:
         """Every tensor of this batch a v* step at `layer` reads, in a fixed order (step_graph.py)."""
@@ -243,6 +286,7 @@ def frozen_context(model, layer: int, batch: ValueBatch, bf16: bool = False, pad
     try:
         for i in range(layer):
             layers[i] = _Replay(live.layer_input if i == layer - 1 else None, run.as_tuple)
+        live.replay = layers[layer - 1] if layer > 0 else None
         if checked not in _CHECKED:
             _CHECKED[checked] = _replays_the_full_run(model, live, batch, bf16)
             if not _CHECKED[checked]:
@@ -283,6 +327,8 @@ def _live_batch(model, batch: ValueBatch, run: FrozenRun, bf16: bool, pad: bool)
         layer_input=live_hidden,
         cache=cache,
         zero_run=ZeroRun(run.rewrite_input, run.rewrite_output, run.final_hidden),
+        frozen_lengths=first,
+        live_lengths=lengths - first,
     )
 
 
