@@ -113,15 +113,17 @@ def test_fits_of_fewer_facts_at_a_time_give_the_same_targets(tiny):
 
 
 def test_steps_leave_out_the_facts_that_stopped(tiny):
-    """Facts stop at steps 1, 0, never, 0 (a threshold their NLL crosses at different steps): after each stop
-    the steps run only the other facts' rows, cut to the longest of them, and fit the same z and steps (float64)."""
+    """Facts stop at steps 1, 0, never, 0 (a threshold their NLL crosses at different steps) and one the model
+    already answers is never stepped: after each stop the steps run only the other facts' rows, cut to the longest
+    of them, and fit the same z and steps (float64)."""
     from factedit.rome.compute_value import compute_value
     from factedit.rome.context import context_templates
     from factedit.rome.fast import value_engine
     from factedit.rome.hparams import resolve_hparams
 
     model, tokenizer = tiny
-    facts = [*FACTS, Fact(subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="English")]
+    facts = [*FACTS, Fact(subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="English"),
+             Fact(subject="Big Ben", prompt="{} is in", target_new="Directions")]  # fmt: skip  # already the answer
     templates = context_templates(model, tokenizer, TEMPLATES, seed=0)
     batch = value_batch(tokenizer, facts, templates)
     options = dict(layers=[1, 2], v_num_grad_steps=12, context_templates=TEMPLATES, bf16=False,
@@ -133,7 +135,7 @@ def test_steps_leave_out_the_facts_that_stopped(tiny):
             module = compute_value(engine, facts, known="keep")
             fitted[narrow] = module.target_value.clone(), [len(h) for h in module.histories], module.objective.live
     (narrowed, steps, live), (whole, whole_steps, whole_live) = fitted[True], fitted[False]
-    assert steps == whole_steps == [2, 1, 12, 1]
+    assert steps == whole_steps == [2, 1, 12, 1, 0]
     torch.testing.assert_close(narrowed, whole, rtol=1e-9, atol=1e-9)
     # the last steps ran fact 2's rows alone: its templated prompts and its KL prompt
     assert len(live.inputs["input_ids"]) == batch.n_prompts + 1 < len(whole_live.inputs["input_ids"])

@@ -157,7 +157,8 @@ class ValueOptimizer(lightning.LightningModule):
 
     def narrow_to_active(self) -> None:
         """Steps from now on compute only the facts still fitted (the frozen path; a graph keeps its shapes)."""
-        if self.objective.live is not None and self.hp.narrow and 0 < int(self.active.sum()) < len(self.active):
+        eager = self.objective.live is not None and not self.engine.cuda_graph
+        if eager and self.hp.narrow and 0 < int(self.active.sum()) < len(self.active):
             self.objective.narrow(self.active.nonzero()[:, 0])
 
     def train_dataloader(self):
@@ -222,6 +223,7 @@ def compute_value(engine, facts, trainer_kwargs: dict | None = None, known: str 
         check_not_known(engine.model, engine.batch, engine.zero_run, facts)
     else:
         module.active &= ~known_facts(engine.model, engine.batch, engine.zero_run)
+        module.narrow_to_active()  # a fact the model already gives is never stepped
     engine.fit(module, trainer_kwargs)
     ratios = (module.delta.norm(dim=-1) / module.objective.initial_value.norm(dim=-1)).tolist()
     last = [history[-1] for history in module.histories if history]
