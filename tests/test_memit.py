@@ -155,6 +155,33 @@ def test_batch_keys_equal_the_reference_keys(tiny):
     assert residual_stream(model, batch, 1).shape == (3, 64)
 
 
+def test_layer_passes_read_what_full_forwards_read(tiny):
+    """Between updates of layers 1, 2, 3 (random rank-2 changes here), the passes that start at the layer
+    updated last and stop after the last subject token give the keys and h_L of forwards from the embeddings."""
+    from factedit.memit.passes import LayerPasses
+    from factedit.rome.context import context_templates
+
+    model, tokenizer = tiny
+    batch = value_batch(tokenizer, FACTS, context_templates(model, tokenizer, TEMPLATES, seed=0))
+    passes, generator, weights = LayerPasses(model, batch), torch.Generator().manual_seed(0), []
+    keys_before = batch_keys(model, batch, 3)
+    for layer in (1, 2, 3):
+        torch.testing.assert_close(passes.keys(layer), batch_keys(model, batch, layer), rtol=0, atol=1e-12)
+        torch.testing.assert_close(passes.residual_stream(3), residual_stream(model, batch, 3), rtol=0, atol=1e-12)
+        weight = rewrite_weight(model, layer)
+        weights.append((weight, weight.detach().clone()))
+        with torch.no_grad():  # an update of this layer: what the next pass must start after
+            weight += torch.randn(weight.shape[0], 2, generator=generator, dtype=weight.dtype) @ torch.randn(
+                2, weight.shape[1], generator=generator, dtype=weight.dtype
+            )
+    assert passes.start == 3 and passes.start_input.shape[1] == int(batch.subject_pos.max()) + 1
+    moved = passes.residual_stream(3) - residual_stream(model, batch, 3)
+    assert moved.abs().max() < 1e-12 and (passes.keys(3) - keys_before).abs().max() > 1e-3  # the updates told
+    with torch.no_grad():
+        for weight, original in weights:
+            weight.copy_(original)
+
+
 def test_null_space_update_leaves_preserved_keys_alone():
     """With C from keys in a rank-40 subspace of 64 dims, P spans the other 24: an update through P gives
     those keys (and C itself) no change, for MEMIT's batch update and for ROME's rank-one update."""

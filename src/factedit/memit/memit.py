@@ -6,6 +6,7 @@ z = v₀+δ   rome/compute_value.py  one fit for the whole batch, δ_f added to 
 then per layer l of `layers`, in order, each on the weights the layers before it changed:
   K_l      rome/compute_key.py    k̄ of every fact at layer l
   R_l      (z − h_L) / (layers left), h_L the residual stream at L now: each layer takes its share
+           (both read by memit/passes.py, each pass starting at the layer updated last)
   ΔW_l     memit/update.py        covariance-weighted least squares (or AlphaEdit's null-space update)
 """
 
@@ -16,9 +17,9 @@ import torch
 
 from factedit.architectures import as_out_in, check_layer, get_module, module_name
 from factedit.hooks import run_until
+from factedit.memit.passes import LayerPasses
 from factedit.memit.shard import sharded_targets
 from factedit.memit.update import memit_update, null_space_update
-from factedit.rome.compute_key import batch_keys
 from factedit.rome.compute_value import compute_value
 from factedit.rome.context import context_templates
 from factedit.rome.edits import Edit, WeightBackup, apply_edits
@@ -51,11 +52,11 @@ def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, 
         targets, fits = fit_targets(model, tokenizer, facts, templates, hp, trainer_kwargs, batch)
     targets, fitted = targets.to(model.device), time.perf_counter()  # z: (F, d_model) float64
     written = {"facts": [fact.to_dict() for fact in facts]}
-    edits = []
+    edits, passes = [], LayerPasses(model, batch)  # each read starts at the layer updated last
     for index, layer in enumerate(layers):
-        keys = batch_keys(model, batch, layer)  # (F, d_mlp) on the weights as edited so far
+        keys = passes.keys(layer)  # (F, d_mlp) on the weights as edited so far
         carried = (edited_outer or {}).get(layer)  # Σ k kᵀ of the keys written earlier in the run
-        residuals = (targets - residual_stream(model, batch, layers[-1])) / (len(layers) - index)
+        residuals = (targets - passes.residual_stream(layers[-1])) / (len(layers) - index)
         if hp.preserve == "null_space":
             projector = null_space_projector(second_moments[layer], hp.null_space_threshold)
             u, v = null_space_update(projector, keys, residuals, carried, hp.null_space_l2, second_moments[layer],
