@@ -9,6 +9,7 @@ its edit (efficacy), the peak resident memory, and the steps the fits took.
     python benchmarks/bench_memit.py --facts 100 --baseline-facts 20 --facts-per-fit 25   # also fits of 25 at a time
     python benchmarks/bench_memit.py --facts 100 --baseline-facts 10 --narrow   # also with narrow=false (every row
                                                                                  # every step, fits in file order)
+    python benchmarks/bench_memit.py --facts 100 --reads-only   # the update's reads alone: passes vs full forwards
 
 Peak memory is each row's own (the peak resident size is reset before each row).
 
@@ -91,6 +92,45 @@ def time_rome(model, tokenizer, facts, stats, hparams) -> dict:
     return dict(seconds=seconds, facts=len(facts), es=wins, steps=sum(steps) / len(steps))
 
 
+def time_reads(model, tokenizer, facts, hparams, rounds: int = 2) -> None:
+    """Keys at each layer of the range and h_L before each (what MEMIT reads between its updates): from the
+    embeddings each time (memit.residual_stream, compute_key.batch_keys) against memit/passes.py, interleaved."""
+    from factedit.memit.memit import residual_stream
+    from factedit.memit.passes import LayerPasses
+    from factedit.rome.compute_key import batch_keys
+    from factedit.rome.context import context_templates
+    from factedit.rome.value_batch import value_batch
+
+    templates = context_templates(model, tokenizer, hparams.context_templates, seed=hparams.seed)
+    batch, layers = value_batch(tokenizer, facts, templates, model.device), list(hparams.layers)
+
+    def full():
+        return [(batch_keys(model, batch, layer), residual_stream(model, batch, layers[-1])) for layer in layers]
+
+    def passes():
+        reads = LayerPasses(model, batch)
+        return [(reads.keys(layer), reads.residual_stream(layers[-1])) for layer in layers]
+
+    seconds = {"full forwards": [], "passes": []}
+    for _ in range(rounds):
+        for label, read in (("full forwards", full), ("passes", passes)):
+            synchronize()
+            start = time.perf_counter()
+            got = read()
+            synchronize()
+            seconds[label].append(time.perf_counter() - start)
+            seconds.setdefault(label + " values", got)
+    gap = max((a - b).abs().max().item() / b.abs().max().item()
+              for pair_a, pair_b in zip(seconds["passes values"], seconds["full forwards values"])
+              for a, b in zip(pair_a, pair_b))  # fmt: skip
+    base = min(seconds["full forwards"])
+    print(f"\nupdate reads of {len(facts)} facts, layers {layers} (keys and h_L before each), best of {rounds}")
+    print("| reads | seconds | speed-up |\n|---|---|---|")
+    for label in ("full forwards", "passes"):
+        print(f"| {label} | {min(seconds[label]):.2f} | {base / min(seconds[label]):.2f}x |")
+    print(f"largest difference, relative to the largest value: {gap:.1e}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--facts", type=int, default=100, help="facts in the MEMIT batch")
@@ -102,6 +142,8 @@ def main():
     parser.add_argument("--memit", nargs="*", default=[], help="MEMIT options, e.g. layers=[1,2,3] preserve=null_space")
     parser.add_argument("--facts-per-fit", type=int, default=None, help="also MEMIT with v* fitted N facts at a time")
     parser.add_argument("--narrow", action="store_true", help="also MEMIT with narrow=false, interleaved")
+    reads_help = "time only the update's key and h_L reads: memit/passes.py against full forwards"
+    parser.add_argument("--reads-only", action="store_true", help=reads_help)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,6 +167,9 @@ def main():
         from factedit.stats import load_second_moment
 
         stats = {layer: load_second_moment(model, layer) for layer in layers}
+    if args.reads_only:
+        time_reads(model, tokenizer, facts, memit_hp)
+        return
     baseline = facts[: args.baseline_facts or len(facts)]
     revert_edits(model, memit.edit(model, tokenizer, facts[:2], stats=stats, hparams=memit_hp).backup)  # warm-up
     rows, runs = [], [("memit", lambda: time_memit(model, tokenizer, facts, stats, memit_hp)),
