@@ -67,7 +67,8 @@ def test_sequential_run_killed_midway_ends_with_the_weights_of_an_uninterrupted_
 
 
 def test_zsre_loader_and_token_accuracy(tmp_path, tiny_llama):
-    """Two hand-made records (a third without its subject in the question is skipped); the token accuracy
+    """Two hand-made records (a third without its subject in the question and a fourth whose new answer is the
+    true one are skipped); the token accuracy
     is the share of answer tokens that are the argmax after the question and the answer tokens before them."""
     items = [
         {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "unmanned aircraft",
@@ -79,12 +80,15 @@ def test_zsre_loader_and_token_accuracy(tmp_path, tiny_llama):
          "loc": "nq question: where is", "loc_ans": "Paris"},
         {"subject": "Nobody", "src": "Where is it?", "alt": "here", "answers": ["there"], "rephrase": "Where?",
          "loc": "nq question: x", "loc_ans": "y"},
+        {"subject": "Danny Green", "src": "What sex is Danny Green?", "alt": "male", "answers": ["male"],
+         "rephrase": "Danny Green is of which sex?", "loc": "nq question: x", "loc_ans": "y"},
     ]  # fmt: skip
     path = tmp_path / "zsre.json"
     path.write_text(json.dumps(items))
     records, skipped = load_zsre(path)
     assert [r.prompt for r in records] == ["What is the product made by {}?", "Which team does {} play for?"]
-    assert records[0].portability_target == "drones" and not records[1].portability_prompts and len(skipped) == 1
+    assert records[0].portability_target == "drones" and not records[1].portability_prompts
+    assert [item.case_id for item in skipped] == ["2", "3"] and "nothing to edit" in skipped[1].reason
     model, tokenizer = tiny_llama
     accuracy = token_accuracies(model, tokenizer, [(records[0].text, records[0].target_new)]).item()
     prompt = tokenizer(records[0].text)["input_ids"]
