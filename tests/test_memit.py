@@ -157,13 +157,14 @@ def test_batch_keys_equal_the_reference_keys(tiny):
 
 def test_layer_passes_read_what_full_forwards_read(tiny):
     """Between updates of layers 1, 2, 3 (random rank-2 changes here), the passes that start at the layer
-    updated last and stop after the last subject token give the keys and h_L of forwards from the embeddings."""
+    updated last and stop after the last subject token give the keys and h_L of forwards from the embeddings
+    (4 rows a pass: the 9 templated rows in 3 chunks)."""
     from factedit.memit.passes import LayerPasses
     from factedit.rome.context import context_templates
 
     model, tokenizer = tiny
     batch = value_batch(tokenizer, FACTS, context_templates(model, tokenizer, TEMPLATES, seed=0))
-    passes, generator, weights = LayerPasses(model, batch), torch.Generator().manual_seed(0), []
+    passes, generator, weights = LayerPasses(model, batch, rows_per_pass=4), torch.Generator().manual_seed(0), []
     keys_before = batch_keys(model, batch, 3)
     for layer in (1, 2, 3):
         torch.testing.assert_close(passes.keys(layer), batch_keys(model, batch, layer), rtol=0, atol=1e-12)

@@ -16,7 +16,7 @@ import torch
 
 from factedit.architectures import architecture_of, get_module, module_name
 from factedit.hooks import Trace
-from factedit.rome.compute_key import compute_key, template_keys
+from factedit.rome.compute_key import compute_key
 from factedit.rome.value_batch import ValueBatch
 
 
@@ -38,11 +38,11 @@ class LayerPasses:
 
     Layers must be asked for in increasing order, each after the update of the one before; `keys(l)`
     keeps layer l's input for the next pass (rows (F·T, width, d_model): the templated rows cut after
-    their last subject token).
+    their last subject token). A pass runs rows_per_pass rows at a time (a batch of 1,000 facts has 6,000).
     """
 
-    def __init__(self, model, batch: ValueBatch, role: str = "rewrite"):
-        self.model, self.batch, self.role = model, batch, role
+    def __init__(self, model, batch: ValueBatch, role: str = "rewrite", rows_per_pass: int = 1024):
+        self.model, self.batch, self.role, self.rows_per_pass = model, batch, role, rows_per_pass
         rows = batch.n_facts * batch.n_prompts
         width = int(batch.subject_pos[:rows].max()) + 1
         self.input_ids, self.attention_mask = batch.input_ids[:rows, :width], batch.attention_mask[:rows, :width]
@@ -52,28 +52,41 @@ class LayerPasses:
     def keys(self, layer: int) -> torch.Tensor:
         """k̄ of every fact at `layer` on the current weights: (F, d_in) float64 (as rome/compute_key.batch_keys)."""
         rewrite, entry = module_name(self.model, self.role, layer), module_name(self.model, "layer", layer)
-        captured = self._run([rewrite, entry], rows=None, retain_input=True)
-        self.start, self.start_input = layer, captured[entry].input
-        return compute_key(template_keys(captured[rewrite].input, self.batch))
+        keys, entry_inputs = [], []
+        for rows in self._row_chunks(len(self.input_ids)):
+            captured = self._run([rewrite, entry], rows, retain_input=True)
+            subject = self.batch.subject_pos[rows]
+            keys.append(captured[rewrite].input[torch.arange(len(rows), device=subject.device), subject])
+            entry_inputs.append(captured[entry].input)
+        self.start, self.start_input = layer, torch.cat(entry_inputs)
+        per_fact = torch.cat(keys).reshape(self.batch.n_facts, self.batch.n_prompts, -1)  # (F, T, d_in)
+        return compute_key(per_fact)
 
     @torch.no_grad()
     def residual_stream(self, layer: int) -> torch.Tensor:
         """h: the output of decoder layer `layer` at each fact's subject in its bare prompt, (F, d_model)
         float64 (as memit.residual_stream); `layer` ≥ the last layer asked for keys."""
-        bare, name = self.batch.bare_rows, module_name(self.model, "layer", layer)
-        output = self._run([name], rows=bare, retain_input=False)[name].output
-        return output[torch.arange(len(bare), device=output.device), self.batch.subject_pos[bare]].double()
+        bare, name, outputs = self.batch.bare_rows, module_name(self.model, "layer", layer), []
+        for rows in self._row_chunks(len(bare)):
+            output = self._run([name], bare[rows], retain_input=False)[name].output
+            subject = self.batch.subject_pos[bare[rows]]
+            outputs.append(output[torch.arange(len(rows), device=output.device), subject])
+        return torch.cat(outputs).double()
 
-    def _run(self, names: list[str], rows: torch.Tensor | None, retain_input: bool) -> dict:
-        """A forward of `rows` (None: all) from the kept start input to the modules `names`."""
-        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    def _row_chunks(self, n_rows: int) -> list[torch.Tensor]:
+        """Row indices in chunks of rows_per_pass: the activations of one forward stay bounded."""
+        every = torch.arange(n_rows, device=self.input_ids.device)
+        return list(every.split(self.rows_per_pass))
+
+    def _run(self, names: list[str], rows: torch.Tensor, retain_input: bool) -> dict:
+        """A forward of `rows` from the kept start input to the modules `names`."""
         with contextlib.ExitStack() as stack:
             if self.start > 0:
-                stack.enter_context(self._handed_off(pick(self.start_input)))
+                stack.enter_context(self._handed_off(self.start_input[rows]))
             else:
                 stack.enter_context(self._noting_tuples())
             trace = stack.enter_context(Trace(self.model, names, retain_input=retain_input, stop=True))
-            self.model(input_ids=pick(self.input_ids), attention_mask=pick(self.attention_mask))
+            self.model(input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows])
         return trace.captured
 
     @contextlib.contextmanager
