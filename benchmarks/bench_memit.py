@@ -111,17 +111,16 @@ def time_reads(model, tokenizer, facts, hparams, rounds: int = 2) -> None:
         reads = LayerPasses(model, batch)
         return [(reads.keys(layer), reads.residual_stream(layers[-1])) for layer in layers]
 
-    seconds = {"full forwards": [], "passes": []}
+    seconds, values = {"full forwards": [], "passes": []}, {}
     for _ in range(rounds):
         for label, read in (("full forwards", full), ("passes", passes)):
             synchronize()
             start = time.perf_counter()
-            got = read()
+            values[label] = read()
             synchronize()
             seconds[label].append(time.perf_counter() - start)
-            seconds.setdefault(label + " values", got)
     gap = max((a - b).abs().max().item() / b.abs().max().item()
-              for pair_a, pair_b in zip(seconds["passes values"], seconds["full forwards values"])
+              for pair_a, pair_b in zip(values["passes"], values["full forwards"])
               for a, b in zip(pair_a, pair_b))  # fmt: skip
     base = min(seconds["full forwards"])
     print(f"\nupdate reads of {len(facts)} facts, layers {layers} (keys and h_L before each), best of {rounds}")

@@ -42,15 +42,15 @@ def _record(item: dict, index: int) -> Record:
         raise ValueError(f"subject {subject!r} is not in the question {question!r}")
     if "{" in question or "}" in question:
         raise ValueError(f"question {question!r} holds braces")
-    answers = item.get("answers") or [item.get("pred")]
-    if _text(item, "alt") == str(answers[0]).strip():  # a few items of the MEND split: no edit to make
-        raise ValueError(f"the new answer {item['alt'].strip()!r} is the true one: nothing to edit")
+    answers, new_answer = item.get("answers") or [item.get("pred")], _text(item, "alt")
+    if new_answer == str(answers[0]).strip():  # a few items of the MEND split: no edit to make
+        raise ValueError(f"the new answer {new_answer!r} is the true one: nothing to edit")
     portability = item.get("portability") or {}
     record = Record(
         case_id=index,
         subject=subject,
         prompt=question.replace(subject, "{}", 1),
-        target_new=_text(item, "alt"),
+        target_new=new_answer,
         target_true=str(answers[0]).strip(),
         relation_id="zsre",
         paraphrase_prompts=[_text(item, "rephrase")],

@@ -14,23 +14,11 @@ import contextlib
 
 import torch
 
-from factedit.architectures import architecture_of, get_module, module_name
+from factedit.architectures import module_name
 from factedit.hooks import Trace
 from factedit.rome.compute_key import compute_key
+from factedit.rome.fast.frozen_prefix import noting_tuple_outputs, replayed_below
 from factedit.rome.value_batch import ValueBatch
-
-
-class _Handoff(torch.nn.Module):
-    """Stands in for a decoder layer below the start: passes its input on, or (the last one) returns the
-    kept input of the start layer, as a 1-tuple where the model's layers return tuples."""
-
-    def __init__(self, hidden: torch.Tensor | None, as_tuple: bool):
-        super().__init__()
-        self.hidden, self.as_tuple = hidden, as_tuple
-
-    def forward(self, hidden_states, *args, **kwargs):
-        hidden = hidden_states if self.hidden is None else self.hidden
-        return (hidden,) if self.as_tuple else hidden
 
 
 class LayerPasses:
@@ -81,37 +69,12 @@ class LayerPasses:
     def _run(self, names: list[str], rows: torch.Tensor, retain_input: bool) -> dict:
         """A forward of `rows` from the kept start input to the modules `names`."""
         with contextlib.ExitStack() as stack:
-            if self.start > 0:
-                stack.enter_context(self._handed_off(self.start_input[rows]))
+            if self.start > 0:  # the layers below the start hand it the input kept from the last pass
+                stack.enter_context(replayed_below(self.model, self.start, self.start_input[rows], self.as_tuple))
             else:
-                stack.enter_context(self._noting_tuples())
+                noted = stack.enter_context(noting_tuple_outputs(self.model))
             trace = stack.enter_context(Trace(self.model, names, retain_input=retain_input, stop=True))
             self.model(input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows])
+        if self.start == 0:
+            self.as_tuple = noted[0]
         return trace.captured
-
-    @contextlib.contextmanager
-    def _handed_off(self, hidden: torch.Tensor):
-        """Inside the block the layers below self.start stand aside and layer self.start gets `hidden`."""
-        layers = get_module(self.model, architecture_of(self.model).layers)
-        originals = [layers[i] for i in range(self.start)]
-        try:
-            for i in range(self.start):
-                layers[i] = _Handoff(hidden if i == self.start - 1 else None, self.as_tuple)
-            yield
-        finally:
-            for i, original in enumerate(originals):
-                layers[i] = original
-
-    @contextlib.contextmanager
-    def _noting_tuples(self):
-        """Note whether the decoder layers return tuples (older transformers), for the stand-ins."""
-        layer_0 = get_module(self.model, module_name(self.model, "layer", 0))
-
-        def note(module, inputs, output):
-            self.as_tuple = isinstance(output, tuple)
-
-        handle = layer_0.register_forward_hook(note)
-        try:
-            yield
-        finally:
-            handle.remove()

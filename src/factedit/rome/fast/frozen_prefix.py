@@ -199,21 +199,16 @@ class FrozenRun(NamedTuple):
 def _frozen_run(model, layer: int, batch: ValueBatch, rewrite: str, bf16: bool = False) -> FrozenRun:
     """One full forward at δ = 0 through `batch`, keeping what the v* steps and the update read."""
     name, final = module_name(model, "layer", layer), module_name(model, "final_norm")
-    returns_tuple, skip_logits = [], {}
+    skip_logits = {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         skip_logits["logits_to_keep"] = 1  # the run needs hidden states and keys/values, not the vocabulary
-    handle = get_module(model, module_name(model, "layer", 0)).register_forward_hook(
-        lambda module, inputs, output: returns_tuple.append(isinstance(output, tuple))
-    )
-    try:
-        with (
-            torch.no_grad(),
-            bf16_autocast(model.device, bf16),
-            Trace(model, [name, final, rewrite], retain_input=True) as trace,
-        ):
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True, **skip_logits)
-    finally:
-        handle.remove()
+    with (
+        noting_tuple_outputs(model) as returns_tuple,
+        torch.no_grad(),
+        bf16_autocast(model.device, bf16),
+        Trace(model, [name, final, rewrite], retain_input=True) as trace,
+    ):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True, **skip_logits)
     cache = getattr(out, "cache", None)  # transformers >= 5.2x; earlier: past_key_values
     cache = out.past_key_values if cache is None else cache
     dtype = model.dtype  # under autocast some come out bfloat16; the keys/values stay as they are
@@ -281,19 +276,14 @@ def frozen_context(model, layer: int, batch: ValueBatch, bf16: bool = False, pad
         yield None
         return
     live = _live_batch(model, batch, run, bf16, pad)
-    layers = get_module(model, architecture_of(model).layers)
-    originals = [layers[i] for i in range(layer)]
-    try:
-        for i in range(layer):
-            layers[i] = _Replay(live.layer_input if i == layer - 1 else None, run.as_tuple)
-        live.replay = layers[layer - 1] if layer > 0 else None
+    with replayed_below(model, layer, live.layer_input, run.as_tuple) as replay:
+        live.replay = replay
         if checked not in _CHECKED:
             _CHECKED[checked] = _replays_the_full_run(model, live, batch, bf16)
-            if not _CHECKED[checked]:
-                _restore(layers, originals)
-        yield live if _CHECKED[checked] else None
-    finally:
-        _restore(layers, originals)
+        if _CHECKED[checked]:
+            yield live
+            return
+    yield None  # with the decoder layers back in place
 
 
 def _live_batch(model, batch: ValueBatch, run: FrozenRun, bf16: bool, pad: bool) -> LiveBatch:
@@ -332,7 +322,31 @@ def _live_batch(model, batch: ValueBatch, run: FrozenRun, bf16: bool, pad: bool)
     )
 
 
-def _restore(layers, originals: list) -> None:
-    """Put the decoder layers 0..len(originals)-1 back in place of their stand-ins."""
-    for i, original in enumerate(originals):
-        layers[i] = original
+@contextlib.contextmanager
+def replayed_below(model, layer: int, hidden: torch.Tensor, as_tuple: bool):
+    """Inside the block decoder layers 0..layer-1 stand aside (`_Replay`), the last of them handing layer
+    `layer` `hidden` as its input; yields that stand-in (None for layer 0). as_tuple: the model's layers
+    return tuples (noting_tuple_outputs)."""
+    layers = get_module(model, architecture_of(model).layers)
+    originals = [layers[i] for i in range(layer)]
+    try:
+        for i in range(layer):
+            layers[i] = _Replay(hidden if i == layer - 1 else None, as_tuple)
+        yield layers[layer - 1] if layer > 0 else None
+    finally:
+        for i, original in enumerate(originals):
+            layers[i] = original
+
+
+@contextlib.contextmanager
+def noting_tuple_outputs(model):
+    """Yields a list that a forward inside the block fills with whether decoder layer 0 returned a tuple
+    (older transformers), which is what the `_Replay` stand-ins must return."""
+    noted = []
+    handle = get_module(model, module_name(model, "layer", 0)).register_forward_hook(
+        lambda module, inputs, output: noted.append(isinstance(output, tuple))
+    )
+    try:
+        yield noted
+    finally:
+        handle.remove()
