@@ -18,7 +18,7 @@ from factedit.architectures import module_name, rewrite_weight
 from factedit.baselines import attention_second_moment, attn_late_hparams, fine_tune, identity_second_moment, late_layer
 from factedit.data.counterfact import DEV_FILE, CounterFactDataModule, Record, load_records
 from factedit.data.wikipedia import WikipediaDataModule
-from factedit.evaluation.command import check_settings, outcome_config, run
+from factedit.evaluation.command import check_settings, data_file, outcome_config, output_dir, run
 from factedit.evaluation.editors import RankOneEdit
 from factedit.evaluation.generation import TfIdf, generation_entropy, ngram_entropy, text_entropy, wikipedia_tfidf
 from factedit.evaluation.metrics import CounterFactMetrics, EditScore, RecordMean, harmonic_mean
@@ -329,6 +329,15 @@ def test_attention_second_moment_is_the_mean_outer_product_of_its_inputs(tiny_ll
 def compose_cfg(*overrides):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="evaluate", overrides=["model=tiny_llama", *overrides])
+
+
+def test_runs_name_the_file_their_data_kind_reads():
+    from factedit.data.zsre import ZSRE_FILE
+
+    assert data_file(compose_cfg()) == DEV_FILE
+    assert data_file(compose_cfg("data=zsre")) == ZSRE_FILE != DEV_FILE
+    assert data_file(compose_cfg("data=zsre", "data.path=x/z.json")) == Path("x/z.json")
+    assert output_dir(compose_cfg("data=zsre", "gen=null"), "memit").name == f"memit-tiny_llama-{ZSRE_FILE.stem}-nogen"
 
 
 def write_data(tmp_path, count=3, bad=True) -> Path:

@@ -37,9 +37,7 @@ def output_dir(cfg, name: str) -> Path:
     """out_dir, or logs/evaluate/<run> with run = <editor>-<model>-<data file>[-nogen] by default."""
     if cfg.out_dir:
         return Path(cfg.out_dir)
-    run = cfg.run or f"{name}-{cfg.model.name}-{Path(str(cfg.data.path or DEV_FILE)).stem}" + (
-        "" if cfg.gen else "-nogen"
-    )
+    run = cfg.run or f"{name}-{cfg.model.name}-{data_file(cfg).stem}" + ("" if cfg.gen else "-nogen")
     return LOG_ROOT / str(run)
 
 
@@ -52,7 +50,7 @@ def run_settings(cfg, model, tokenizer, editor) -> dict:
         "editor": editor_name(cfg, editor),
         "stats": getattr(editor, "stats_digest", None),
         "editor_config": outcome_config(editor_options(cfg, editor), model.device, model.dtype),
-        "data": str(cfg.data.path or DEV_FILE),
+        "data": str(data_file(cfg)),
         "gen": OmegaConf.to_container(cfg.gen, resolve=True) if cfg.gen else False,
         "pre": bool(cfg.pre),
         "seed": int(cfg.seed),
@@ -155,11 +153,22 @@ def run(cfg) -> Path | None:
     else:
         editor = make_editor(cfg, model, tokenizer)
     if not records:
-        raise FacteditError(f"no valid records to evaluate in {cfg.data.path or DEV_FILE} ({len(skipped)} skipped)")
+        raise FacteditError(f"no valid records to evaluate in {data_file(cfg)} ({len(skipped)} skipped)")
     out_dir = output_dir(cfg, editor_name(cfg, editor))
     out_dir.mkdir(parents=True, exist_ok=True)
     check_settings(out_dir, run_settings(cfg, model, tokenizer, editor))
     return evaluate_records(cfg, model, tokenizer, editor, records, skipped, out_dir)
+
+
+def data_file(cfg) -> Path:
+    """The file the configured data reads: data.path, or the default file of its kind."""
+    if cfg.data.path:
+        return Path(str(cfg.data.path))
+    if cfg.data.get("kind") == "zsre":
+        from factedit.data.zsre import ZSRE_FILE
+
+        return ZSRE_FILE
+    return DEV_FILE
 
 
 def load_data(cfg, limit):
@@ -234,7 +243,7 @@ def evaluate_records(cfg, model, tokenizer, editor, records: list[Record], skipp
     seconds, new = time.perf_counter() - start, len(datamodule.records)
     name = editor_name(cfg, editor)
     info = dict(run=out_dir.name, editor=name, label=cfg.label or name, model=str(cfg.model.name),
-                data=str(cfg.data.path or DEV_FILE), limit=cfg.data.limit, devices=devices, gen=gen,
+                data=str(data_file(cfg)), limit=cfg.data.limit, devices=devices, gen=gen,
                 seconds_this_run=round(seconds, 1), records_this_run=new,
                 records_per_second=round(new / seconds, 4) if new else None)  # fmt: skip
     results = {r["case_id"]: r for r in read_lines(lines) if r.get("case_id") in wanted}
