@@ -10,6 +10,8 @@ its edit (efficacy), the peak resident memory, and the steps the fits took.
     python benchmarks/bench_memit.py --facts 100 --baseline-facts 10 --narrow   # also with narrow=false (every row
                                                                                  # every step, fits in file order)
     python benchmarks/bench_memit.py --facts 100 --reads-only   # the update's reads alone: passes vs full forwards
+    python benchmarks/bench_memit.py --facts 100 --baseline-facts 5 --versus v_lr=0.5   # also MEMIT with an option
+                                                                                # changed, interleaved
 
 Peak memory is each row's own (the peak resident size is reset before each row).
 
@@ -141,6 +143,8 @@ def main():
     parser.add_argument("--memit", nargs="*", default=[], help="MEMIT options, e.g. layers=[1,2,3] preserve=null_space")
     parser.add_argument("--facts-per-fit", type=int, default=None, help="also MEMIT with v* fitted N facts at a time")
     parser.add_argument("--narrow", action="store_true", help="also MEMIT with narrow=false, interleaved")
+    versus_help = "also MEMIT with this option changed (OPTION=VALUE), interleaved"
+    parser.add_argument("--versus", default=None, metavar="OPTION=VALUE", help=versus_help)
     reads_help = "time only the update's key and h_L reads: memit/passes.py against full forwards"
     parser.add_argument("--reads-only", action="store_true", help=reads_help)
     args = parser.parse_args()
@@ -183,6 +187,11 @@ def main():
         wide_hp = resolve_hparams(model, {**overrides, "narrow": False}, kind=MemitHparams)
         wide = ("memit, narrow=false", lambda: time_memit(model, tokenizer, facts, stats, wide_hp))
         runs = [wide, runs[0], runs[1], (wide[0] + " (again)", wide[1]), runs[2]]
+    if args.versus:
+        option, value = args.versus.split("=", 1)
+        other_hp = resolve_hparams(model, {**overrides, option: value}, kind=MemitHparams)
+        other = (f"memit, {args.versus}", lambda: time_memit(model, tokenizer, facts, stats, other_hp))
+        runs = [other, runs[0], runs[1], (other[0] + " (again)", other[1]), runs[2]]
     for label, run in runs:
         reset_peak_memory()
         result = run()
