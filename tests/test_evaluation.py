@@ -337,7 +337,7 @@ def test_runs_name_the_file_their_data_kind_reads():
     assert data_file(compose_cfg()) == DEV_FILE
     assert data_file(compose_cfg("data=zsre")) == ZSRE_FILE != DEV_FILE
     assert data_file(compose_cfg("data=zsre", "data.path=x/z.json")) == Path("x/z.json")
-    assert output_dir(compose_cfg("data=zsre", "gen=null"), "memit").name == f"memit-tiny_llama-{ZSRE_FILE.stem}-nogen"
+    assert output_dir(compose_cfg("data=zsre", "gen=false"), "memit").name == f"memit-tiny_llama-{ZSRE_FILE.stem}-nogen"
 
 
 def write_data(tmp_path, count=3, bad=True) -> Path:
