@@ -360,6 +360,48 @@ def lines_of(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
 
 
+def test_zsre_run_reports_token_accuracies_before_and_after(tmp_path, tiny_llama):
+    """data=zsre outside sequential runs: each record's token accuracies pre and post, their means in the summary."""
+    from factedit.data.zsre import load_zsre
+    from factedit.evaluation.probabilities import zsre_scores
+
+    items = [
+        {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "unmanned aircraft",
+         "answers": ["uniform"], "rephrase": "What will be the product of UniFirst?", "loc": "nq question: who sang",
+         "loc_ans": "Walter Sobchak",
+         "portability": {"New Question": "What flies for UniFirst?", "New Answer": "drones"}},
+        {"subject": "Danny Green", "src": "Which team does Danny Green play for?", "alt": "Toronto Raptors",
+         "answers": ["Spurs"], "rephrase": "Danny Green plays for which team?", "loc": "nq question: where is",
+         "loc_ans": "Paris"},
+    ]  # fmt: skip
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps(items))
+    options = [
+        "data=zsre",
+        f"data.path={data}",
+        "editor=ft",
+        "editor.steps=3",
+        "gen=false",
+        f"out_dir={tmp_path / 'run'}",
+    ]
+    out = run(compose_cfg(*options, "+trainer.enable_progress_bar=false"))
+    summary, lines = json.loads((out / "summary.json").read_text()), lines_of(out)
+    model, tokenizer = tiny_llama  # the same weights the run loaded: pre is the unedited model's accuracy
+    unedited = [zsre_scores(model, tokenizer, record) for record in load_zsre(data)[0]]
+    assert [line["scores"]["pre"]["efficacy_accuracy"] for line in lines] == [u["efficacy_accuracy"] for u in unedited]
+    for stage in ("pre", "post"):
+        for key in ("efficacy_accuracy", "paraphrase_accuracy", "neighborhood_accuracy"):
+            mean = sum(line["scores"][stage][key] for line in lines) / 2
+            assert summary[stage][key] == pytest.approx(100 * mean, abs=1e-9)
+        # portability: only the first record has a question (the other's NaN is not counted)
+        assert summary[stage]["portability_accuracy"] == pytest.approx(
+            100 * lines[0]["scores"][stage]["portability_accuracy"], abs=1e-9
+        )
+    assert any(line["scores"]["post"] != line["scores"]["pre"] for line in lines)  # the edits changed something
+    text = (out / "summary.md").read_text()
+    assert text.startswith("# zsRE evaluation") and "| Eff | Par | Spe | Port |" in text
+
+
 def test_ft_run_writes_lines_and_a_summary_and_resumes(tmp_path):
     data = write_data(tmp_path, count=2)
     case_ids = [r.case_id for r in load_records(DEV_FILE, limit=2)[0]]

@@ -230,7 +230,8 @@ def evaluate_records(cfg, model, tokenizer, editor, records: list[Record], skipp
     datamodule = CounterFactDataModule(records, done=set(prior))
     gen = OmegaConf.to_container(cfg.gen, resolve=True) if cfg.gen else None
     evaluator = CounterFactEvaluator(model, tokenizer, editor, relations_of(records), records_file=lines, gen=gen,
-                                     pre=cfg.pre, prior=list(prior.values()), seed=int(cfg.seed))  # fmt: skip
+                                     pre=cfg.pre, prior=list(prior.values()), seed=int(cfg.seed),
+                                     zsre=cfg.data.get("kind") == "zsre")  # fmt: skip
     start, devices = time.perf_counter(), 0
     if datamodule.records:
         trainer = make_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))

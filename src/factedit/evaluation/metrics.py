@@ -14,6 +14,8 @@ import warnings
 import torch
 from torchmetrics import Metric
 
+from factedit.evaluation.probabilities import ZSRE_KEYS
+
 SCORE_KEYS = (
     "efficacy_score",
     "efficacy_magnitude",
@@ -23,6 +25,8 @@ SCORE_KEYS = (
     "neighborhood_magnitude",
 )
 GENERATION_KEYS = ("generation_entropy", "reference_score")
+# zsRE (data=zsre): top-1 token accuracy of the answer (probabilities.zsre_scores), before and after the edit
+ACCURACY_KEYS = ZSRE_KEYS
 SHORT = {
     "efficacy_score": "ES",
     "efficacy_magnitude": "EM",
@@ -33,6 +37,10 @@ SHORT = {
     "generation_entropy": "GE",
     "reference_score": "RS",
     "score": "Score",
+    "efficacy_accuracy": "Eff",
+    "paraphrase_accuracy": "Par",
+    "neighborhood_accuracy": "Spe",
+    "portability_accuracy": "Port",
 }
 
 
@@ -124,7 +132,7 @@ class CounterFactMetrics(torch.nn.Module):
         self.relations = list(relations)
         n = len(self.relations)
         self.means = torch.nn.ModuleDict(
-            {f"{stage}_{key}": RecordMean(n) for stage in ("pre", "post") for key in SCORE_KEYS}
+            {f"{stage}_{key}": RecordMean(n) for stage in ("pre", "post") for key in SCORE_KEYS + ACCURACY_KEYS}
         )
         self.means.update({key: RecordMean(n) for key in GENERATION_KEYS})
         self.scores = torch.nn.ModuleDict({stage: EditScore(n) for stage in ("pre", "post")})
@@ -148,6 +156,9 @@ class CounterFactMetrics(torch.nn.Module):
                 continue
             for key in SCORE_KEYS:
                 self.means[f"{stage}_{key}"].update(value(scores[key]), relation)
+            for key in ACCURACY_KEYS:  # zsRE records only; NaN (no portability question) is not counted
+                if key in scores:
+                    self.means[f"{stage}_{key}"].update(value(scores[key]), relation)
             self.scores[stage].update(
                 value(scores["efficacy_score"], scores["paraphrase_score"], scores["neighborhood_score"]), relation
             )
@@ -182,6 +193,8 @@ class CounterFactMetrics(torch.nn.Module):
                 key: _float(means[key if key in GENERATION_KEYS else f"{stage}_{key}"]["all"]) for key in keys
             }
             summary[stage]["score"] = _float(scores[stage]["all"])
+            accuracies = {key: _float(means[f"{stage}_{key}"]["all"]) for key in ACCURACY_KEYS}
+            summary[stage].update({k: v for k, v in accuracies.items() if v is not None})  # zsRE runs only
         for row, relation in enumerate(self.relations):
             if counts[row] == 0:
                 continue

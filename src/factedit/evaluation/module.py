@@ -20,7 +20,7 @@ import torch
 from factedit.errors import FacteditError
 from factedit.evaluation.generation import generate_texts, generation_entropy, reference_score, reference_texts
 from factedit.evaluation.metrics import CounterFactMetrics
-from factedit.evaluation.probabilities import measure_record, record_scores
+from factedit.evaluation.probabilities import measure_record, record_scores, zsre_scores
 from factedit.io import append_line
 from factedit.models import model_fingerprint
 from factedit.rome import WeightBackup, revert_edits
@@ -32,6 +32,7 @@ class CounterFactEvaluator(lightning.LightningModule):
     """Evaluates `editor` on the test batches of a CounterFactDataModule.
 
     editor(model, tokenizer, record) -> WeightBackup; gen: None or {"max_tokens", "top_k", "prompts"};
+    zsre: also score each record by zsRE's token accuracies (probabilities.zsre_scores), before and after;
     prior: results of a resumed run (added to the metrics once, by rank 0); records_file: where
     each finished record's result line goes (None: nowhere). After trainer.test, `summary`
     holds CounterFactMetrics.compute() on every rank.
@@ -50,11 +51,12 @@ class CounterFactEvaluator(lightning.LightningModule):
         prior: list[dict] = (),
         seed: int = 0,
         batched: bool = True,
+        zsre: bool = False,
     ):
         super().__init__()
         self.model, self.tokenizer, self.editor = model, tokenizer, editor
         self.records_file, self.gen, self.pre, self.prior = records_file, gen, pre, list(prior)
-        self.seed, self.batched = seed, batched
+        self.seed, self.batched, self.zsre = seed, batched, zsre
         self.metrics = CounterFactMetrics(relations)
         self.pristine: dict[str, torch.Tensor] = {}  # module name -> its weight before any edit
         self.summary: dict | None = None
@@ -115,7 +117,7 @@ class CounterFactEvaluator(lightning.LightningModule):
         try:
             if self.pre:
                 nlls["pre"] = measure_record(self.model, self.tokenizer, record, self.batched)
-                scores["pre"] = record_scores(nlls["pre"])
+                scores["pre"] = self._scores(record, nlls["pre"])
             seconds["pre"], start = time.perf_counter() - start, time.perf_counter()
             with torch.enable_grad():
                 backup = self.editor(self.model, self.tokenizer, record)
@@ -129,7 +131,7 @@ class CounterFactEvaluator(lightning.LightningModule):
             self.model.to(self.device).eval()  # a nested Trainer may have moved it to the CPU and set train mode
             self._remember_pristine(backup)
             nlls["post"] = measure_record(self.model, self.tokenizer, record, self.batched)
-            scores["post"] = record_scores(nlls["post"])
+            scores["post"] = self._scores(record, nlls["post"])
             seconds["post"], start = time.perf_counter() - start, time.perf_counter()
             if self.gen is not None and record.generation_prompts:
                 result["generation"] = self.generation(record)
@@ -138,6 +140,13 @@ class CounterFactEvaluator(lightning.LightningModule):
             revert_edits(self.model, backup)
             self._check_pristine()
         return {**result, "scores": scores, "nlls": nlls, "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+
+    def _scores(self, record, nlls) -> dict:
+        """ES / PS / NS and magnitudes from the NLLs; with zsre=True also the token accuracies on the weights now."""
+        scores = record_scores(nlls)
+        if self.zsre:
+            scores.update(zsre_scores(self.model, self.tokenizer, record))
+        return scores
 
     def generation(self, record) -> dict:
         """Texts from the generation prompts, their entropy and their TF-IDF similarity to the reference text."""

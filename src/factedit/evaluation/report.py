@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from factedit.errors import FacteditError
-from factedit.evaluation.metrics import GENERATION_KEYS, SCORE_KEYS, SHORT
+from factedit.evaluation.metrics import ACCURACY_KEYS, GENERATION_KEYS, SCORE_KEYS, SHORT
 from factedit.io import read_lines, write_json
 
 TABLE_KEYS = (
@@ -150,6 +150,14 @@ def markdown_table(rows: list[tuple[str, int, dict]]) -> str:
     return "\n".join(lines)
 
 
+def accuracy_table(summary: dict) -> str:
+    """zsRE: efficacy, paraphrase, specificity and portability accuracy, unedited and after the edits."""
+    rows = [("unedited", summary["pre"]), (summary.get("label") or summary.get("editor", "?"), summary["post"])]
+    lines = ["| editor | " + " | ".join(SHORT[k] for k in ACCURACY_KEYS) + " |", "|---|" + "---:|" * len(ACCURACY_KEYS)]
+    lines += [f"| {label} | " + " | ".join(_cell(stage.get(k)) for k in ACCURACY_KEYS) + " |" for label, stage in rows]
+    return "\n".join(lines)
+
+
 def relation_table(summary: dict) -> str:
     """Per relation: records, then Score / ES / PS / NS before → after."""
     keys = ("score",) + CHANGE_KEYS
@@ -164,12 +172,16 @@ def relation_table(summary: dict) -> str:
 
 
 def run_markdown(summary: dict) -> str:
-    title = f"# CounterFact evaluation: {summary.get('editor')} on {summary.get('model')}"
+    zsre = summary["post"].get("efficacy_accuracy") is not None
+    title = f"# {'zsRE' if zsre else 'CounterFact'} evaluation: {summary.get('editor')} on {summary.get('model')}"
     counts = (
         f"{summary['records']} records evaluated, {summary['failed']} failed to edit, "
         f"{summary['skipped']} malformed and skipped ({summary.get('data')})."
     )
-    parts = [title, counts, markdown_table(table_rows([summary]))]
+    parts = [title, counts]
+    if zsre:  # zsRE's own measure first: top-1 token accuracy of the answer
+        parts += ["Top-1 token accuracy of the answer (%):", accuracy_table(summary), "CounterFact-style scores:"]
+    parts.append(markdown_table(table_rows([summary])))
     if summary.get("change"):
         parts.append(change_line(summary["change"]))
     return "\n\n".join(parts + ["## Per relation", relation_table(summary)]) + "\n"
