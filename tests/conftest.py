@@ -40,3 +40,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def zsre_items() -> list[dict]:
+    """Two hand-made zsRE items, the first with a portability question, the second without."""
+    return [
+        {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "unmanned aircraft",
+         "answers": ["uniform"], "rephrase": "What will be the product of UniFirst?", "loc": "nq question: who sang",
+         "loc_ans": "Walter Sobchak",
+         "portability": {"New Question": "What flies for UniFirst?", "New Answer": "drones"}},
+        {"subject": "Danny Green", "src": "Which team does Danny Green play for?", "alt": "Toronto Raptors",
+         "answers": ["Spurs"], "rephrase": "Danny Green plays for which team?",
+         "loc": "nq question: where is", "loc_ans": "Paris"},
+    ]  # fmt: skip

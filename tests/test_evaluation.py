@@ -360,22 +360,13 @@ def lines_of(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
 
 
-def test_zsre_run_reports_token_accuracies_before_and_after(tmp_path, tiny_llama):
+def test_zsre_run_reports_token_accuracies_before_and_after(tmp_path, tiny_llama, zsre_items):
     """data=zsre outside sequential runs: each record's token accuracies pre and post, their means in the summary."""
     from factedit.data.zsre import load_zsre
     from factedit.evaluation.probabilities import zsre_scores
 
-    items = [
-        {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "unmanned aircraft",
-         "answers": ["uniform"], "rephrase": "What will be the product of UniFirst?", "loc": "nq question: who sang",
-         "loc_ans": "Walter Sobchak",
-         "portability": {"New Question": "What flies for UniFirst?", "New Answer": "drones"}},
-        {"subject": "Danny Green", "src": "Which team does Danny Green play for?", "alt": "Toronto Raptors",
-         "answers": ["Spurs"], "rephrase": "Danny Green plays for which team?", "loc": "nq question: where is",
-         "loc_ans": "Paris"},
-    ]  # fmt: skip
     data = tmp_path / "zsre.json"
-    data.write_text(json.dumps(items))
+    data.write_text(json.dumps(zsre_items))
     options = [
         "data=zsre",
         f"data.path={data}",

@@ -66,18 +66,12 @@ def test_sequential_run_killed_midway_ends_with_the_weights_of_an_uninterrupted_
     assert shrunk.returncode == 2 and "records differ" in shrunk.stderr.strip().splitlines()[-1]
 
 
-def test_zsre_loader_and_token_accuracy(tmp_path, tiny_llama):
+def test_zsre_loader_and_token_accuracy(tmp_path, tiny_llama, zsre_items):
     """Two hand-made records (a third without its subject in the question and a fourth whose new answer is the
     true one are skipped); the token accuracy
     is the share of answer tokens that are the argmax after the question and the answer tokens before them."""
     items = [
-        {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "unmanned aircraft",
-         "answers": ["uniform"], "rephrase": "What will be the product of UniFirst?", "loc": "nq question: who sang",
-         "loc_ans": "Walter Sobchak",
-         "portability": {"New Question": "What flies for UniFirst?", "New Answer": "drones"}},
-        {"subject": "Danny Green", "src": "Which team does Danny Green play for?", "alt": "Toronto Raptors",
-         "answers": ["Spurs"], "rephrase": "Danny Green plays for which team?",
-         "loc": "nq question: where is", "loc_ans": "Paris"},
+        *zsre_items,
         {"subject": "Nobody", "src": "Where is it?", "alt": "here", "answers": ["there"], "rephrase": "Where?",
          "loc": "nq question: x", "loc_ans": "y"},
         {"subject": "Danny Green", "src": "What sex is Danny Green?", "alt": "male", "answers": ["male"],
