@@ -160,11 +160,16 @@ def run(cfg) -> Path | None:
     return evaluate_records(cfg, model, tokenizer, editor, records, skipped, out_dir)
 
 
+def is_zsre(cfg) -> bool:
+    """Whether the configured data is zsRE (data=zsre), scored by token accuracy."""
+    return cfg.data.get("kind") == "zsre"
+
+
 def data_file(cfg) -> Path:
     """The file the configured data reads: data.path, or the default file of its kind."""
     if cfg.data.path:
         return Path(str(cfg.data.path))
-    if cfg.data.get("kind") == "zsre":
+    if is_zsre(cfg):
         from factedit.data.zsre import ZSRE_FILE
 
         return ZSRE_FILE
@@ -173,13 +178,13 @@ def data_file(cfg) -> Path:
 
 def load_data(cfg, limit):
     """(records, skipped) of the configured data: CounterFact (either format) or zsRE."""
-    if cfg.data.get("kind") == "zsre":
+    if is_zsre(cfg):
         from factedit.data.zsre import load_zsre
 
-        return load_zsre(cfg.data.path, limit)
+        return load_zsre(data_file(cfg), limit)
     if cfg.data.get("kind", "counterfact") != "counterfact":
         raise FacteditError(f"data.kind={cfg.data.kind!r}: use counterfact or zsre (data=counterfact, data=zsre)")
-    return load_records(cfg.data.path or DEV_FILE, limit)
+    return load_records(data_file(cfg), limit)
 
 
 def run_lifelong(cfg, model, tokenizer) -> Path:
@@ -231,7 +236,7 @@ def evaluate_records(cfg, model, tokenizer, editor, records: list[Record], skipp
     gen = OmegaConf.to_container(cfg.gen, resolve=True) if cfg.gen else None
     evaluator = CounterFactEvaluator(model, tokenizer, editor, relations_of(records), records_file=lines, gen=gen,
                                      pre=cfg.pre, prior=list(prior.values()), seed=int(cfg.seed),
-                                     zsre=cfg.data.get("kind") == "zsre")  # fmt: skip
+                                     zsre=is_zsre(cfg))  # fmt: skip
     start, devices = time.perf_counter(), 0
     if datamodule.records:
         trainer = make_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))

@@ -25,8 +25,6 @@ SCORE_KEYS = (
     "neighborhood_magnitude",
 )
 GENERATION_KEYS = ("generation_entropy", "reference_score")
-# zsRE (data=zsre): top-1 token accuracy of the answer (probabilities.zsre_scores), before and after the edit
-ACCURACY_KEYS = ZSRE_KEYS
 SHORT = {
     "efficacy_score": "ES",
     "efficacy_magnitude": "EM",
@@ -132,7 +130,7 @@ class CounterFactMetrics(torch.nn.Module):
         self.relations = list(relations)
         n = len(self.relations)
         self.means = torch.nn.ModuleDict(
-            {f"{stage}_{key}": RecordMean(n) for stage in ("pre", "post") for key in SCORE_KEYS + ACCURACY_KEYS}
+            {f"{stage}_{key}": RecordMean(n) for stage in ("pre", "post") for key in SCORE_KEYS + ZSRE_KEYS}
         )
         self.means.update({key: RecordMean(n) for key in GENERATION_KEYS})
         self.scores = torch.nn.ModuleDict({stage: EditScore(n) for stage in ("pre", "post")})
@@ -156,7 +154,7 @@ class CounterFactMetrics(torch.nn.Module):
                 continue
             for key in SCORE_KEYS:
                 self.means[f"{stage}_{key}"].update(value(scores[key]), relation)
-            for key in ACCURACY_KEYS:  # zsRE records only; NaN (no portability question) is not counted
+            for key in ZSRE_KEYS:  # zsRE records only; NaN (no portability question) is not counted
                 if key in scores:
                     self.means[f"{stage}_{key}"].update(value(scores[key]), relation)
             self.scores[stage].update(
@@ -193,7 +191,7 @@ class CounterFactMetrics(torch.nn.Module):
                 key: _float(means[key if key in GENERATION_KEYS else f"{stage}_{key}"]["all"]) for key in keys
             }
             summary[stage]["score"] = _float(scores[stage]["all"])
-            accuracies = {key: _float(means[f"{stage}_{key}"]["all"]) for key in ACCURACY_KEYS}
+            accuracies = {key: _float(means[f"{stage}_{key}"]["all"]) for key in ZSRE_KEYS}
             summary[stage].update({k: v for k, v in accuracies.items() if v is not None})  # zsRE runs only
         for row, relation in enumerate(self.relations):
             if counts[row] == 0:

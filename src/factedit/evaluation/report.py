@@ -9,7 +9,8 @@ import math
 from pathlib import Path
 
 from factedit.errors import FacteditError
-from factedit.evaluation.metrics import ACCURACY_KEYS, GENERATION_KEYS, SCORE_KEYS, SHORT
+from factedit.evaluation.metrics import GENERATION_KEYS, SCORE_KEYS, SHORT
+from factedit.evaluation.probabilities import ZSRE_KEYS
 from factedit.io import read_lines, write_json
 
 TABLE_KEYS = (
@@ -153,8 +154,8 @@ def markdown_table(rows: list[tuple[str, int, dict]]) -> str:
 def accuracy_table(summary: dict) -> str:
     """zsRE: efficacy, paraphrase, specificity and portability accuracy, unedited and after the edits."""
     rows = [("unedited", summary["pre"]), (summary.get("label") or summary.get("editor", "?"), summary["post"])]
-    lines = ["| editor | " + " | ".join(SHORT[k] for k in ACCURACY_KEYS) + " |", "|---|" + "---:|" * len(ACCURACY_KEYS)]
-    lines += [f"| {label} | " + " | ".join(_cell(stage.get(k)) for k in ACCURACY_KEYS) + " |" for label, stage in rows]
+    lines = ["| editor | " + " | ".join(SHORT[k] for k in ZSRE_KEYS) + " |", "|---|" + "---:|" * len(ZSRE_KEYS)]
+    lines += [f"| {label} | " + " | ".join(_cell(stage.get(k)) for k in ZSRE_KEYS) + " |" for label, stage in rows]
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from torchmetrics import MeanMetric
 
 from factedit.data.counterfact import CounterFactDataModule
 from factedit.errors import FacteditError
+from factedit.evaluation.command import is_zsre
 from factedit.evaluation.curves import curve_report
 from factedit.evaluation.generation import generate_texts, generation_entropy
 from factedit.evaluation.probabilities import ZSRE_KEYS, measure_record, record_scores, zsre_scores
@@ -125,7 +126,7 @@ class SequentialRun:
 
 def run_sequential(cfg, model, tokenizer, editor, records, control, out_dir: Path, base_fingerprint: str) -> Path:
     """Write `records` in steps of cfg.batch_size, never restoring; a curve line at each checkpoint."""
-    size, every, zsre = int(cfg.batch_size), int(cfg.checkpoint_every), cfg.data.get("kind") == "zsre"
+    size, every, zsre = int(cfg.batch_size), int(cfg.checkpoint_every), is_zsre(cfg)
     if size < 1 or every < 1:
         raise FacteditError(f"batch_size={size}, checkpoint_every={every}: both must be >= 1")
     if size > len(records):
