@@ -248,6 +248,40 @@ def test_edited_keys_are_kept_by_later_null_space_edits():
     assert (carried @ earlier.T).norm() < 0.05 * (free @ earlier.T).norm()
 
 
+def test_memit_keeping_the_edited_keys_is_the_minimizer_and_keeps_them(tiny):
+    """preserve=edited: U = (λC + KKᵀ + K_e K_eᵀ)⁻¹K is the minimizer of ‖ΔW K − R‖² + ‖ΔW K_e‖² + λ‖ΔW C^½‖²
+    (gradient zero, float64), and moves the earlier keys' outputs far less than plain MEMIT; through
+    memit.edit, two batches of one call with preserve=edited carry the first batch's keys into the second's
+    write, and ROME refuses the option in one line."""
+    c = second_moment(48, seed=9)
+    g = torch.Generator().manual_seed(10)
+    keys, residuals, earlier = (
+        torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((4, 48), (4, 6), (30, 48))
+    )
+    weight, outer = 2.0, earlier.T @ earlier
+    kept = delta_weight(*memit_update(c, keys, residuals, weight, outer))
+    gradient = (kept @ keys.T - residuals.T) @ keys + kept @ outer + weight * kept @ c
+    assert gradient.abs().max() < 1e-9 * (1 + kept.abs().max())
+    plain = delta_weight(*memit_update(c, keys, residuals, weight))
+    assert (kept @ earlier.T).norm() < 0.2 * (plain @ earlier.T).norm()
+    assert torch.equal(plain, delta_weight(*memit_update(c, keys, residuals, weight, None)))
+    model, tokenizer = tiny
+    stats = {1: second_moment(128, seed=11), 2: second_moment(128, seed=12)}
+    hp = {"layers": [1, 2], "v_num_grad_steps": 3, "context_templates": TEMPLATES, "mom2_update_weight": 1.0}
+    made = {}
+    for preserve in ("none", "edited"):
+        carried = {}
+        made[preserve] = memit.edit(model, tokenizer, FACTS, stats, {**hp, "preserve": preserve}, batch_size=2,
+                                    edited_outer=carried)  # fmt: skip
+        revert_edits(model, made[preserve].backup)
+        assert sorted(carried) == [1, 2] and all(torch.linalg.matrix_rank(o) == 3 for o in carried.values())
+    first, second = slice(0, 2), slice(2, 4)  # one edit per layer of each batch
+    assert all(torch.equal(a.u, b.u) for a, b in zip(made["none"][first], made["edited"][first]))
+    assert all(not torch.allclose(a.u, b.u) for a, b in zip(made["none"][second], made["edited"][second]))
+    with pytest.raises(FacteditError, match="preserve=edited is MEMIT's"):
+        edit(model, tokenizer, FACTS[0], stats=stats[1], hparams={"layer": 1, "preserve": "edited"})
+
+
 def test_two_facts_with_one_prompt_and_two_objects_are_refused(tiny):
     model, tokenizer = tiny
     other = Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Madrid")

@@ -11,8 +11,9 @@ import torch
 
 from factedit import load_model
 from factedit.data.zsre import load_zsre
+from factedit.evaluation.curves import retention
 from factedit.evaluation.probabilities import token_accuracies, zsre_scores
-from factedit.io import read_safetensors
+from factedit.io import read_lines, read_safetensors
 from factedit.paths import REPO_ROOT, SHARED_DATA_DIR
 
 TRAIN = SHARED_DATA_DIR / "counterfact" / "counterfact-train.json"
@@ -56,6 +57,16 @@ def test_sequential_run_killed_midway_ends_with_the_weights_of_an_uninterrupted_
     assert sorted({line["edits"] for line in curve}) == [0, 3, 6, 9]
     table = (tmp_path / "whole" / "curve.md").read_text()
     assert "| 9 |" in table and (tmp_path / "whole" / "curve.png").stat().st_size > 10_000
+    # every checkpoint keeps each edited record's scores and the step that wrote it: the retention table
+    kept = retention(tmp_path / "whole")
+    assert sorted(kept.matrix) == [3, 6, 9] and kept.steps == {0: (1, 3), 1: (4, 6), 2: (7, 9)}
+    assert sorted(kept.matrix[3]) == [0] and sorted(kept.matrix[9]) == [0, 1, 2]
+    last = read_lines(tmp_path / "whole" / "records" / "9.jsonl")
+    assert len(last) == 9 and [line["step"] for line in last] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    final = next(line for line in curve if line["edits"] == 9)["retained"]["efficacy_score"]
+    assert abs(sum(kept.matrix[9].values()) / 3 - final) < 1e-4  # equal steps: the curve's ES is their mean (float32)
+    assert "records written | after 3 | after 6 | after 9" in table and "| 7-9 |" in table
+    assert (tmp_path / "whole" / "retention.png").stat().st_size > 5_000
     # a finished run of 6 records continues to 9 with data.limit=9: the edits of a run of 9 from the start
     for limit in ("data.limit=6", "data.limit=9"):
         grown = subprocess.run(command(tmp_path, "grown", limit), env=ENV, capture_output=True, text=True, timeout=600)
@@ -100,3 +111,20 @@ def test_zsre_file_loads_with_portability():
     records, skipped = load_zsre(limit=40)
     assert len(records) + len(skipped) == 40 and sum(bool(r.portability_prompts) for r in records) > 30
     assert load_model  # the package loads its zsRE file without the network
+
+
+def test_retention_table_of_hand_made_records(tmp_path):
+    """records/<edits>.jsonl -> each step's mean efficacy at each checkpoint; zsRE's accuracy is named Eff, a
+    short last step keeps its own record numbers, and a step not written yet is an empty cell."""
+    from factedit.evaluation.curves import retention_table
+    from factedit.io import write_lines
+
+    def line(case, step, accuracy):
+        return {"case_id": case, "step": step, "efficacy_accuracy": accuracy}
+
+    write_lines(tmp_path / "records" / "2.jsonl", [line(0, 0, 1.0), line(1, 0, 0.5)])
+    write_lines(tmp_path / "records" / "3.jsonl", [line(0, 0, 0.5), line(1, 0, 0.0), line(2, 1, 1.0)])
+    kept = retention(tmp_path)
+    assert kept.score == "Eff" and kept.steps == {0: (1, 2), 1: (3, 3)}
+    assert kept.matrix == {2: {0: 75.0}, 3: {0: 25.0, 1: 100.0}}
+    assert retention_table(kept).splitlines()[2:] == ["| 1-2 | 75.0 | 25.0 |", "| 3-3 |  | 100.0 |"]

@@ -122,6 +122,16 @@ def append_line(path: Path, obj: dict) -> None:
         os.close(fd)
 
 
+def write_lines(path: Path, objs: list[dict]) -> None:
+    """A whole JSON-lines file, written atomically (a kill leaves the old file or the new one)."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(obj, default=str) + "\n" for obj in objs)
+
+    _atomic_replace(Path(path), write)
+
+
 def drop_incomplete_line(path: Path) -> None:
     """Cut a last line that a killed run left without its newline, so the next append starts a fresh line."""
     if not path.is_file():

@@ -1,10 +1,12 @@
 """Curves of lifelong-editing runs (evaluation/sequential.py): a table and a figure against the number of edits.
 
-curve_report(out_dir, lines)     curve.md and curve.png of one run; returns the table
+curve_report(out_dir, lines)     curve.md and curve.png of one run (and its retention: retention.png); returns the table
 compare_curves(run_dirs, path)   one figure, one line per run (the editors side by side)
+retention(out_dir)               efficacy of each step's records at each checkpoint, from records/<edits>.jsonl
 """
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from factedit.io import read_lines
@@ -81,12 +83,87 @@ def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
 
 
 def curve_report(out_dir: Path, lines: list[dict]) -> str:
-    """curve.md and curve.png of one run; returns the table."""
+    """curve.md and curve.png of one run (with the retention table and retention.png when the run has
+    records/); returns the curve table."""
     lines = sorted(lines, key=lambda line: line["edits"])
     table = curve_table(lines)
-    (out_dir / "curve.md").write_text(f"# Lifelong editing: {out_dir.name}\n\n{table}\n")
+    text = f"# Lifelong editing: {out_dir.name}\n\n{table}\n"
+    kept = retention(out_dir)
+    if kept.matrix:
+        text += f"\n## {kept.score} of each step's records at each checkpoint\n\n{retention_table(kept)}\n"
+        plot_retention(kept, out_dir / "retention.png", out_dir.name)
+    (out_dir / "curve.md").write_text(text)
     plot_curves({out_dir.name: lines}, out_dir / "curve.png")
     return table
+
+
+@dataclass
+class Retention:
+    """matrix[c][s]: mean efficacy (×100) at the checkpoint after c edits of the records step s wrote;
+    steps: (first, last) record number of each step (1-based); score: its name (ES, or Eff on zsRE)."""
+
+    matrix: dict[int, dict[int, float]] = field(default_factory=dict)
+    steps: dict[int, tuple[int, int]] = field(default_factory=dict)
+    score: str = "ES"
+
+
+def retention(out_dir: Path) -> Retention:
+    """Retention of a run from its records/<edits>.jsonl files (each line: a record's scores and its step)."""
+    kept = Retention()
+    files = [path for path in (out_dir / "records").glob("*.jsonl") if path.stem.isdigit()]
+    for path in sorted(files, key=lambda path: int(path.stem)):
+        by_step: dict[int, list[float]] = {}
+        for line in read_lines(path):
+            key = "efficacy_score" if "efficacy_score" in line else "efficacy_accuracy"
+            kept.score = "ES" if key == "efficacy_score" else "Eff"
+            by_step.setdefault(int(line["step"]), []).append(line[key])
+        kept.matrix[int(path.stem)] = {step: 100 * sum(v) / len(v) for step, v in sorted(by_step.items())}
+        first = 1
+        for step, values in sorted(by_step.items()):  # records are written in order, len(values) per step
+            kept.steps[step] = (first, first + len(values) - 1)
+            first += len(values)
+    return kept
+
+
+def retention_table(kept: Retention) -> str:
+    """Markdown: a row per step (the records it wrote), a column per checkpoint."""
+    checkpoints = sorted(kept.matrix)
+    head = ["records written", *(f"after {c}" for c in checkpoints)]
+    rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(checkpoints)]
+    for step, (first, last) in sorted(kept.steps.items()):
+        cells = [_cell(kept.matrix[c].get(step)) if step in kept.matrix[c] else "" for c in checkpoints]
+        rows.append(f"| {first}-{last} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_retention(kept: Retention, path: Path, title: str) -> None:
+    """Heatmap: rows = the step that wrote the records, columns = checkpoints, colour = efficacy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    checkpoints, steps = sorted(kept.matrix), sorted(kept.steps)
+    grid = np.full((len(steps), len(checkpoints)), np.nan)
+    for j, c in enumerate(checkpoints):
+        for i, step in enumerate(steps):
+            grid[i, j] = kept.matrix[c].get(step, np.nan)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.62 * len(checkpoints), 1.2 + 0.42 * len(steps)))
+    image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    for (i, j), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            colour = "white" if value < 60 else "black"
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color=colour)
+    ax.set_xticks(range(len(checkpoints)), [str(c) for c in checkpoints], fontsize=7)
+    ax.set_yticks(range(len(steps)), [f"{kept.steps[s][0]}-{kept.steps[s][1]}" for s in steps], fontsize=7)
+    ax.set_xlabel("edits so far (checkpoint)", fontsize=8)
+    ax.set_ylabel("records written by the step", fontsize=8)
+    ax.set_title(f"{title}: {kept.score} of each step's records", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def compare_curves(run_dirs: list[Path], path: Path) -> str:

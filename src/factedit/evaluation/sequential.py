@@ -11,9 +11,12 @@ the weights as they stand:
     drift      ‖ΔW‖ / ‖W‖ of each edited matrix
 
 Each checkpoint is one line of curve.jsonl; curve.md and curve.png show them against the number of
-edits (`compare=[...]` of sequential runs draws one line per run). The run's edits are saved after
-every step in one file with the step count and the null-space state (run.safetensors), so a killed
-run continues from its last step and ends with the same weights, bit for bit.
+edits (`compare=[...]` of sequential runs draws one line per run). The retained scores of every record
+at checkpoint n, with the step that wrote it, go to records/n.jsonl: curve.md's retention table and
+retention.png show each step's efficacy at every later checkpoint (does an old edit survive?).
+The run's edits are saved after every step in one file with the step count and the null-space
+state (run.safetensors), so a killed run continues from its last step and ends with the same
+weights, bit for bit.
 """
 
 import contextlib
@@ -33,7 +36,7 @@ from factedit.evaluation.command import is_zsre
 from factedit.evaluation.curves import curve_report
 from factedit.evaluation.generation import generate_texts, generation_entropy
 from factedit.evaluation.probabilities import ZSRE_KEYS, measure_record, record_scores, zsre_scores
-from factedit.io import append_line, read_lines
+from factedit.io import append_line, read_lines, write_lines
 from factedit.rome.edits import Edit, apply_edits, load_edits_and_extras, save_edits
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,10 @@ class SequentialRun:
 
     def __init__(self, out_dir: Path):
         self.out_dir, self.state_file, self.curve_file = out_dir, out_dir / "run.safetensors", out_dir / "curve.jsonl"
+
+    def records_file(self, done: int) -> Path:
+        """The retained scores of each record edited so far, at the checkpoint after `done` edits."""
+        return self.out_dir / "records" / f"{done}.jsonl"
 
     def load(self, model, base_fingerprint: str) -> tuple[int, list[Edit], dict]:
         """(records done, edits, edited_outer) of an earlier run, or (0, [], {}) for a new one."""
@@ -183,7 +190,10 @@ def _unedited(model, tokenizer, records, out_dir: Path, zsre: bool) -> dict:
 def _checkpoint(cfg, model, tokenizer, edited, control, unedited, originals, run: SequentialRun, done: int, zsre: bool):
     """One curve line: the scores of the records edited so far and of the control records, fluency, drift."""
     start, keys = time.perf_counter(), ZSRE_KEYS if zsre else SCORES
-    retained, _ = score_records(model, tokenizer, edited, zsre)
+    retained, lines = score_records(model, tokenizer, edited, zsre)
+    step_of = {record.case_id: index // int(cfg.batch_size) for index, record in enumerate(edited)}
+    if edited:
+        write_lines(run.records_file(done), [{**line, "step": step_of[line["case_id"]]} for line in lines])
     control_now, _ = score_records(model, tokenizer, control, zsre)
     prompts = [r.text for r in control[: int(cfg.generation_prompts)]]
     texts = generate_texts(model, tokenizer, prompts, max_tokens=int(cfg.generation_tokens), seed=int(cfg.seed))

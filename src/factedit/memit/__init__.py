@@ -24,7 +24,7 @@ def edit(model, tokenizer, facts, stats=None, hparams=None, *, batch_size: int |
 
     stats: {layer: C}, a callable layer -> C, or None (the stats files of hparams.layers). hparams:
     overrides of the model's MEMIT options (MemitHparams). edited_outer: {layer: Σ k kᵀ} of keys edited
-    earlier in a run (preserve=null_space keeps them; updated in place). trainer: a lightning.Trainer
+    earlier in a run (preserve=null_space or edited keeps them; updated in place). trainer: a lightning.Trainer
     of several processes (strategy ddp) fits each batch's v* spread over them. On an error the weights are
     as they were; `revert_edits(model, edits.backup)` undoes the edits exactly.
     """
@@ -33,7 +33,7 @@ def edit(model, tokenizer, facts, stats=None, hparams=None, *, batch_size: int |
     check_prompt_lengths(tokenizer, model, fact_texts(facts))
     hp = resolve_hparams(model, hparams, kind=MemitHparams)
     second_moments = _second_moments(model, stats, hp.layers)
-    edited_outer = {} if edited_outer is None and hp.preserve == "null_space" else edited_outer
+    edited_outer = {} if edited_outer is None and hp.preserve in ("null_space", "edited") else edited_outer
     size = int(batch_size or len(facts))
     if not 1 <= size <= len(facts):
         raise FacteditError(f"batch_size={size} for {len(facts)} facts: use 1..{len(facts)}")

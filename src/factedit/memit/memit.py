@@ -7,7 +7,8 @@ then per layer l of `layers`, in order, each on the weights the layers before it
   K_l      rome/compute_key.py    k̄ of every fact at layer l
   R_l      (z − h_L) / (layers left), h_L the residual stream at L now: each layer takes its share
            (both read by memit/passes.py, each pass starting at the layer updated last)
-  ΔW_l     memit/update.py        covariance-weighted least squares (or AlphaEdit's null-space update)
+  ΔW_l     memit/update.py        covariance-weighted least squares (preserve=edited: keeping the run's earlier
+                                  edits too), or AlphaEdit's null-space update (preserve=null_space)
 """
 
 import logging
@@ -62,7 +63,8 @@ def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, 
             u, v = null_space_update(projector, keys, residuals, carried, hp.null_space_l2, second_moments[layer],
                                      hp.null_space_cov_weight)  # fmt: skip
         else:
-            u, v = memit_update(second_moments[layer], keys, residuals, hp.mom2_update_weight)
+            kept = carried if hp.preserve == "edited" else None  # the run's earlier edits keep their values
+            u, v = memit_update(second_moments[layer], keys, residuals, hp.mom2_update_weight, kept)
         info = {"layer_of": len(layers), "hparams": hp.to_dict(), "v_steps": [steps for steps, _ in fits],
                 "p_target": [p for _, p in fits]}  # fmt: skip
         name = module_name(model, "rewrite", layer)

@@ -6,6 +6,12 @@ i.e. it writes the pairs while keeping W's outputs on Wikipedia's keys, whose se
 
     ΔW = R Kᵀ (λC + KKᵀ)⁻¹            λ = mom2_update_weight
 
+With preserve=edited the keys written earlier in the run (their sum of outer products C_edited) join
+the keys whose outputs are kept, as exactly as the batch's own are written, so a later batch does not
+overwrite them; Wikipedia's keys are kept through λC as before (no projection):
+
+    ΔW = R Kᵀ (λC + KKᵀ + C_edited)⁻¹   the minimizer of ‖ΔW K − R‖² + ‖ΔW K_edited‖² + λ‖ΔW C^½‖²
+
 With preserve=null_space (AlphaEdit) the update instead lies in P's range, P the projection onto
 the null space of Wikipedia's keys (preserve.py), and keeps the keys edited earlier in the run
 (their sum of outer products C_edited):
@@ -26,10 +32,14 @@ import torch
 from factedit.errors import FacteditError
 
 
-def memit_update(second_moment: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, weight: float):
-    """U = (λC + KKᵀ)⁻¹K, V = R. keys (F, d_mlp), residuals (F, d_model); float64 on keys' device."""
+def memit_update(second_moment: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, weight: float,
+                 edited_outer: torch.Tensor | None = None):  # fmt: skip
+    """U = (λC + KKᵀ [+ C_edited])⁻¹K, V = R. keys (F, d_mlp), residuals (F, d_model); float64 on keys' device.
+    edited_outer: Σ k kᵀ of the keys written earlier in the run (preserve=edited), or None."""
     keys, residuals = keys.double(), residuals.double().to(keys.device)
     system = weight * second_moment.to(keys).double() + keys.T @ keys  # λC + KKᵀ (d_mlp, d_mlp)
+    if edited_outer is not None:
+        system = system + edited_outer.to(keys)
     return _solve(system, keys.T), residuals.T
 
 

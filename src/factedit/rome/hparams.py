@@ -20,7 +20,7 @@ from factedit.errors import FacteditError
 UPDATES = ("fixed", "original", "two_keys")  # see update.py
 STOP_ON = ("nll", "loss")
 ROLES = ("rewrite", "attn_out", "layer")
-PRESERVE = ("none", "null_space")
+PRESERVE = ("none", "null_space", "edited")
 # How the v* steps run, not what they compute (the same numbers up to rounding): a saved evaluation
 # run resumes across changes of these; tf32 changes numbers on a GPU only.
 EXECUTION_ONLY = ("cuda_graph", "graph_cache", "fused_activations", "facts_per_fit", "narrow")
@@ -46,7 +46,8 @@ class ValueHparams:
     seed: int = 0  # of the context templates
     # Keep what the model knows (preserve.py): none, or null_space (AlphaEdit): updates orthogonal to the
     # keys of Wikipedia text (C's eigenvectors with eigenvalue < null_space_threshold · mean eigenvalue)
-    # and to the keys edited before in the same run.
+    # and to the keys edited before in the same run; or (MEMIT) edited: MEMIT's least squares, which keeps
+    # Wikipedia's keys through λC, also keeps the keys edited before in the run (memit/update.py).
     preserve: str = "none"
     null_space_threshold: float = 0.01
     # How the v* steps run (rome/fast/): the same function, faster.
@@ -76,6 +77,12 @@ class RomeHparams(ValueHparams):
 
     layer: int = 5  # L: the decoder layer whose MLP down-projection W is rewritten
     update: str = "two_keys"  # two_keys | fixed | original (the reference code's); see update.py
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.preserve == "edited":
+            raise FacteditError("editor.preserve=edited is MEMIT's (editor=memit); ROME keeps a run's edits with "
+                                "editor.preserve=null_space")  # fmt: skip
 
 
 @dataclass(frozen=True)
