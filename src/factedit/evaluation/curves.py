@@ -69,6 +69,11 @@ def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
         axes[1, 1].plot(edits, [line["perplexity"] / first["perplexity"] for line in lines], marker="o", label=label)
         axes[1, 2].plot(edits, [line["generation_entropy"] / first["generation_entropy"] for line in lines], marker="o")
     axes[1, 1].set_title("WikiText perplexity ÷ unedited", fontsize=9)
+    firsts = {label: min(lines, key=lambda line: line["edits"]) for label, lines in runs.items() if lines}
+    ratios = [line["perplexity"] / firsts[label]["perplexity"] for label, lines in runs.items() for line in lines]
+    if max(ratios, default=1.0) > 3:  # one collapsed run would flatten the others' lines
+        axes[1, 1].set_yscale("log")
+        axes[1, 1].set_title("WikiText perplexity ÷ unedited (log scale)", fontsize=9)
     axes[1, 2].set_title("generation entropy ÷ unedited", fontsize=9)
     last = max((line["edits"] for lines in runs.values() for line in lines), default=0)
     for ax in axes.flat:
