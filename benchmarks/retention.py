@@ -18,10 +18,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from factedit import load_model
-from factedit.evaluation.command import data_file
+from factedit.evaluation.command import lifelong_records
 from factedit.evaluation.curves import curve_report, retention, retention_table
 from factedit.evaluation.sequential import SequentialRun, base_weights, score_records
-from factedit.io import write_lines
+from factedit.io import read_lines
 from factedit.rome.edits import apply_edits
 
 
@@ -52,38 +52,24 @@ def main():
     args = parser.parse_args()
     settings = json.loads((args.run / "settings.json").read_text())
     run = SequentialRun(args.run)
-    size = int(settings["sequential"]["batch_size"])
     checkpoints = args.checkpoints or sorted(line["edits"] for line in run.curve() if line["edits"] > 0)
-    data = OmegaConf.create({"data": {"path": settings["data"], "kind": "zsre" if "zsre" in settings["data"] else ""}})
-    zsre = data.data.kind == "zsre"
+    zsre = "efficacy_accuracy" in read_lines(args.run / "unedited.jsonl")[0]  # the run scored its records as zsRE
+    # the run's records as the run chose them (evaluation/command.py), from its saved settings
+    sequential = settings["sequential"]
+    data = {"path": settings["data"], "kind": "zsre" if zsre else "counterfact", "limit": settings["records"]}
+    cfg = OmegaConf.create({"data": data, "control_records": sequential["control_records"]})
+    records, _ = lifelong_records(cfg)
     model, tokenizer = load_model(settings["model"])
     _, edits, _ = run.load(model, settings["fingerprint"])
-    records = _edited_records(data, settings, zsre)
-    names = {edit.module for edit in edits}
-    originals = {name: model.get_submodule(name).weight.detach().clone() for name in names}
+    originals = {name: model.get_submodule(name).weight.detach().clone() for name in {edit.module for edit in edits}}
     for n in checkpoints:
         with base_weights(model, originals):  # the base weights inside, and back after
             apply_edits(model, edits_writing(edits, n))
             _, lines = score_records(model, tokenizer, records[:n], zsre)
-        step_of = {record.case_id: index // size for index, record in enumerate(records[:n])}
-        write_lines(run.records_file(n), [{**line, "step": step_of[line["case_id"]]} for line in lines])
+        run.save_records(n, records[:n], lines, int(sequential["batch_size"]))
         print(f"checkpoint {n}: {len(lines)} records scored", flush=True)
     curve_report(args.run, run.curve())
     print(retention_table(retention(args.run)))
-
-
-def _edited_records(data, settings, zsre: bool):
-    """The run's edited records in order: the file's first `records`, before its control records."""
-    if zsre:
-        from factedit.data.zsre import load_zsre
-
-        records, _ = load_zsre(data_file(data), None)
-    else:
-        from factedit.data.counterfact import load_records
-
-        records, _ = load_records(data_file(data), None)
-    control = int(settings["sequential"]["control_records"])
-    return records[: len(records) - control][: int(settings["records"])]
 
 
 if __name__ == "__main__":

@@ -193,12 +193,7 @@ def run_lifelong(cfg, model, tokenizer) -> Path:
 
     if cfg.edits or cfg.editor.get("name") not in ("rome", "memit"):
         raise FacteditError("sequential=true runs editor=rome or editor=memit (not saved edits or other editors)")
-    records, _ = load_data(cfg, None)
-    n_control = int(cfg.control_records)
-    if n_control < 0 or n_control >= len(records):
-        raise FacteditError(f"control_records={n_control}: use 0..{len(records) - 1} (the file holds {len(records)})")
-    control = records[len(records) - n_control :]
-    edited = records[: len(records) - n_control][: None if cfg.data.limit is None else int(cfg.data.limit)]
+    edited, control = lifelong_records(cfg)
     editor = make_editor(cfg, model, tokenizer)
     default = f"seq-{editor.name}-{cfg.model.name}-{Path(str(cfg.data.path or cfg.data.kind)).stem}"
     out_dir = Path(cfg.out_dir) if cfg.out_dir else LOG_ROOT / str(cfg.run or default)
@@ -208,6 +203,17 @@ def run_lifelong(cfg, model, tokenizer) -> Path:
     settings["sequential"] = {key: cfg[key] for key in options.split()}
     check_settings(out_dir, settings, growable="records")
     return run_sequential(cfg, model, tokenizer, editor, edited, control, out_dir, settings["fingerprint"])
+
+
+def lifelong_records(cfg) -> tuple[list[Record], list[Record]]:
+    """(edited, control) of a sequential run: the first data.limit records in file order, and the file's last
+    control_records, never edited."""
+    records, _ = load_data(cfg, None)
+    n_control = int(cfg.control_records)
+    if n_control < 0 or n_control >= len(records):
+        raise FacteditError(f"control_records={n_control}: use 0..{len(records) - 1} (the file holds {len(records)})")
+    control = records[len(records) - n_control :]
+    return records[: len(records) - n_control][: None if cfg.data.limit is None else int(cfg.data.limit)], control
 
 
 def _compare(cfg) -> None:

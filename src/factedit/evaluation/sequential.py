@@ -113,6 +113,11 @@ class SequentialRun:
         """The retained scores of each record edited so far, at the checkpoint after `done` edits."""
         return self.out_dir / "records" / f"{done}.jsonl"
 
+    def save_records(self, done: int, edited, lines: list[dict], batch_size: int) -> None:
+        """records/<done>.jsonl: each score line of `edited` (the records in the order written) with its step."""
+        step_of = {record.case_id: index // batch_size for index, record in enumerate(edited)}
+        write_lines(self.records_file(done), [{**line, "step": step_of[line["case_id"]]} for line in lines])
+
     def load(self, model, base_fingerprint: str) -> tuple[int, list[Edit], dict]:
         """(records done, edits, edited_outer) of an earlier run, or (0, [], {}) for a new one."""
         if not self.state_file.is_file():
@@ -191,9 +196,8 @@ def _checkpoint(cfg, model, tokenizer, edited, control, unedited, originals, run
     """One curve line: the scores of the records edited so far and of the control records, fluency, drift."""
     start, keys = time.perf_counter(), ZSRE_KEYS if zsre else SCORES
     retained, lines = score_records(model, tokenizer, edited, zsre)
-    step_of = {record.case_id: index // int(cfg.batch_size) for index, record in enumerate(edited)}
     if edited:
-        write_lines(run.records_file(done), [{**line, "step": step_of[line["case_id"]]} for line in lines])
+        run.save_records(done, edited, lines, int(cfg.batch_size))
     control_now, _ = score_records(model, tokenizer, control, zsre)
     prompts = [r.text for r in control[: int(cfg.generation_prompts)]]
     texts = generate_texts(model, tokenizer, prompts, max_tokens=int(cfg.generation_tokens), seed=int(cfg.seed))
