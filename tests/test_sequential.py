@@ -128,3 +128,24 @@ def test_retention_table_of_hand_made_records(tmp_path):
     assert kept.score == "Eff" and kept.steps == {0: (1, 2), 1: (3, 3)}
     assert kept.matrix == {2: {0: 75.0}, 3: {0: 25.0, 1: 100.0}}
     assert retention_table(kept).splitlines()[2:] == ["| 1-2 | 75.0 | 25.0 |", "| 3-3 |  | 100.0 |"]
+
+
+def test_compared_runs_get_a_trade_off_figure_of_efficacy_against_perplexity(tmp_path):
+    """compare_curves draws, beside the curves, each run's retained efficacy against its perplexity ratio at every
+    checkpoint after the first (ES on CounterFact, Eff on zsRE), in order of edits."""
+    from factedit.evaluation.curves import compare_curves, trade_off
+    from factedit.io import write_lines
+
+    def line(edits, perplexity, **retained):
+        return {"edits": edits, "perplexity": perplexity, "generation_entropy": 5.0, "retained": retained,
+                "retained_unedited": {}, "control": {}, "control_unedited": {}, "drift": {}}  # fmt: skip
+
+    counterfact = [line(200, 25.0, efficacy_score=90.0), line(0, 20.0), line(100, 22.0, efficacy_score=95.0)]
+    zsre = [line(0, 10.0), line(100, 40.0, efficacy_accuracy=50.0)]
+    write_lines(tmp_path / "cf" / "curve.jsonl", counterfact)
+    write_lines(tmp_path / "zsre" / "curve.jsonl", zsre)
+    assert trade_off(counterfact) == [(100, 1.1, 95.0), (200, 1.25, 90.0)]
+    assert trade_off(zsre) == [(100, 4.0, 50.0)]
+    compare_curves([tmp_path / "cf", tmp_path / "zsre"], tmp_path / "charts" / "both.png")
+    assert (tmp_path / "charts" / "both.png").stat().st_size > 10_000
+    assert (tmp_path / "charts" / "both_tradeoff.png").stat().st_size > 10_000

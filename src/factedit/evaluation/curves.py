@@ -1,7 +1,8 @@
 """Curves of lifelong-editing runs (evaluation/sequential.py): a table and a figure against the number of edits.
 
 curve_report(out_dir, lines)     curve.md and curve.png of one run (and its retention: retention.png); returns the table
-compare_curves(run_dirs, path)   one figure, one line per run (the editors side by side)
+compare_curves(run_dirs, path)   one figure, one line per run (the editors side by side), and beside it
+                                 <path>_tradeoff.png: each run's efficacy against its perplexity, edit by edit
 retention(out_dir)               efficacy of each step's records at each checkpoint, from records/<edits>.jsonl
 """
 
@@ -171,8 +172,53 @@ def plot_retention(kept: Retention, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def trade_off(lines: list[dict]) -> list[tuple[int, float, float]]:
+    """(edits, perplexity ÷ unedited, retained efficacy ×100) at each checkpoint after the first, in order of edits;
+    efficacy is ES, or Eff on zsRE."""
+    lines = sorted(lines, key=lambda line: line["edits"])
+    points = []
+    for line in lines[1:]:
+        efficacy = next((line["retained"][k] for k in ("efficacy_score", "efficacy_accuracy") if k in line["retained"]),
+                        math.nan)  # fmt: skip
+        points.append((line["edits"], line["perplexity"] / lines[0]["perplexity"], efficacy))
+    return points
+
+
+def plot_trade_off(runs: dict[str, list[dict]], path: Path) -> None:
+    """Retained efficacy (y) against perplexity ÷ unedited (x), one line per run through its checkpoints, each
+    point marked with its number of edits: where a setting buys efficacy with fluency, and how fast it pays."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for label, lines in runs.items():
+        points = trade_off(lines)
+        if not points:
+            continue
+        line = ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=label)[0]
+        for edits, ratio, efficacy in points:
+            ax.annotate(str(edits), (ratio, efficacy), fontsize=6, color=line.get_color(), xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+    ratios = [p[1] for lines in runs.values() for p in trade_off(lines)]
+    if max(ratios, default=1.0) > 3:  # one collapsed run would squeeze the others against the axis
+        ax.set_xscale("log")
+    ax.set_xlabel("WikiText perplexity ÷ unedited")
+    ax.set_ylabel("retained efficacy (ES, or Eff on zsRE)")
+    ax.set_title("efficacy against fluency, checkpoint by checkpoint (labels: edits)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def compare_curves(run_dirs: list[Path], path: Path) -> str:
-    """One figure with a line per run, and the runs' tables one after another."""
+    """One figure with a line per run, the trade-off figure beside it (<stem>_tradeoff.png), and the runs'
+    tables one after another."""
     runs = {Path(d).name: sorted(read_lines(Path(d) / "curve.jsonl"), key=lambda line: line["edits"]) for d in run_dirs}
     plot_curves(runs, path)
+    plot_trade_off(runs, path.with_name(f"{path.stem}_tradeoff.png"))
     return "\n\n".join(f"### {name}\n\n{curve_table(lines)}" for name, lines in runs.items())
