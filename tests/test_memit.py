@@ -282,6 +282,88 @@ def test_memit_keeping_the_edited_keys_is_the_minimizer_and_keeps_them(tiny):
         edit(model, tokenizer, FACTS[0], stats=stats[1], hparams={"layer": 1, "preserve": "edited"})
 
 
+def test_carrying_targets_writes_earlier_facts_again_and_resumes_from_saved_edits(tiny, tmp_path):
+    """carry=targets: at one layer, where the earlier facts' keys cannot move, it is carry=keys (their rows'
+    residuals are 0, so K_e K_eᵀ joins the same system): the same ΔW in float64. Over two layers the earlier facts'
+    keys at the second move with the later batch's edit of the first, and are read again there: the rows written
+    again hold the values first written − what the moved keys give. A second call given the first call's edits
+    back from a saved file (a resumed run) makes the edits of one call, bit for bit."""
+    from factedit import apply_edits, load_edits, save_edits
+    from factedit.memit.passes import LayerPasses
+    from factedit.rome.context import context_templates
+    from factedit.rome.edits import WeightBackup
+
+    model, tokenizer = tiny
+    stats = {1: second_moment(128, seed=11), 2: second_moment(128, seed=12)}
+    hp = {"v_num_grad_steps": 3, "context_templates": TEMPLATES, "preserve": "null_space", "null_space_threshold": 1.5,
+          "null_space_l2": 0.1}  # fmt: skip
+
+    def write(layers, carry, facts=FACTS, earlier=()):
+        options = {**hp, "layers": layers, "carry": carry}
+        return memit.edit(model, tokenizer, facts, stats, options, batch_size=min(2, len(facts)), earlier=earlier)
+
+    single = {}
+    for carry in ("keys", "targets"):
+        single[carry] = write([1], carry)
+        revert_edits(model, single[carry].backup)
+    keys_delta, targets_delta = (delta_weight(single[c][1].u, single[c][1].v) for c in ("keys", "targets"))
+    assert single["targets"][1].u.shape[1] == 3 and single["targets"][1].info["written_again"] == 2
+    assert torch.allclose(targets_delta, keys_delta, rtol=0, atol=1e-9 * keys_delta.abs().max())
+
+    # two layers: the second batch's edit of layer 2 writes the first batch's facts again, on their keys read after
+    # the second batch's edit of layer 1: its V holds their residuals, the values first written − what they give now
+    whole = write([1, 2], "targets")
+    revert_edits(model, whole.backup)
+    backup = WeightBackup()
+    apply_edits(model, whole[:3], backup)  # the weights the last update (batch 2, layer 2) was made on
+    passes = LayerPasses(model, value_batch(tokenizer, FACTS[:2], context_templates(model, tokenizer, TEMPLATES)))
+    passes.keys(1)
+    keys_now = passes.keys(2)
+    moved = (keys_now - whole[1].key).norm() / whole[1].key.norm()
+    expected = whole[1].target_value - keys_now @ as_out_in(model, rewrite_weight(model, 2)).T
+    revert_edits(model, backup)
+    assert moved > 1e-4 and whole[3].u.shape[1] == 3  # their keys moved; one new fact and two written again
+    assert torch.allclose(whole[3].v[:, 1:].T, expected, rtol=0, atol=1e-10 * expected.abs().max())
+
+    # resumed: the first batch's edits saved and loaded, then the second batch given them
+    begun = write([1, 2], "targets", FACTS[:2])
+    save_edits(tmp_path / "run.safetensors", begun, base_fingerprint="x", model_name="tiny_llama")
+    loaded, _ = load_edits(tmp_path / "run.safetensors")
+    rest = write([1, 2], "targets", FACTS[2:], earlier=loaded)
+    revert_edits(model, rest.backup)
+    revert_edits(model, begun.backup)
+    assert all(torch.equal(a.u, b.u) and torch.equal(a.v, b.v) for a, b in zip(whole[2:], rest))
+
+
+def test_earlier_targets_keep_the_latest_write_of_a_fact_and_one_layer_range(tiny):
+    """A fact written again later (the same subject and prompt) is written again with its latest value only;
+    earlier edits of another layer range, ROME edits, and carry=targets without preserve are each one line."""
+    from factedit.memit.memit import earlier_targets
+
+    model, tokenizer = tiny
+    stats = {1: second_moment(128, seed=11), 2: second_moment(128, seed=12)}
+    hp = {"v_num_grad_steps": 3, "context_templates": TEMPLATES, "layers": [1, 2], "preserve": "null_space",
+          "null_space_threshold": 1.5, "carry": "targets"}  # fmt: skip
+    made = memit.edit(model, tokenizer, FACTS, stats, hp, batch_size=2)
+    revert_edits(model, made.backup)
+    again = Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Berlin")
+    facts, values = earlier_targets(made, [1, 2], [again])
+    assert [f.subject for f in facts] == ["Colosseum", "Louvre"]
+    assert torch.equal(values[2], torch.cat([made[1].target_value[1:], made[3].target_value]).double())
+    facts, _ = earlier_targets(
+        made, [1, 2], [Fact(subject="Louvre", prompt="The {} is a museum in", target_new="Oslo")]
+    )
+    assert [f.subject for f in facts] == ["Eiffel Tower", "Colosseum"]
+    with pytest.raises(FacteditError, match=r"layers \[1, 2\], this one into \[1, 2, 3\]"):
+        earlier_targets(made, [1, 2, 3], [again])
+    rome = edit(model, tokenizer, FACTS[0], stats={1: stats[1]}, hparams={"layer": 1, "v_num_grad_steps": 2})
+    revert_edits(model, rome.backup)
+    with pytest.raises(FacteditError, match="not MEMIT batch edits"):
+        earlier_targets(rome, [1], [again])
+    with pytest.raises(FacteditError, match="carry=targets keeps a run's earlier edits"):
+        MemitHparams(carry="targets")
+
+
 def test_two_facts_with_one_prompt_and_two_objects_are_refused(tiny):
     model, tokenizer = tiny
     other = Fact(subject="Eiffel Tower", prompt="{} is located in the city of", target_new="Madrid")

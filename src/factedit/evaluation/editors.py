@@ -69,7 +69,7 @@ class RankOneEdit:
     def modules(self, model) -> list[str]:
         return [module_name(model, self.hparams.role, self.layer)]
 
-    def write(self, model, tokenizer, records, edited_outer: dict) -> list:
+    def write(self, model, tokenizer, records, edited_outer: dict, earlier=()) -> list:
         """ROME's edits of `records`, one after another, kept (a record the model already answers is skipped)."""
         stats, trainer, made = {self.layer: self.second_moment}, nested_trainer_kwargs(model), []
         for record in records:
@@ -100,13 +100,14 @@ class MemitEdit:
     def modules(self, model) -> list[str]:
         return [module_name(model, "rewrite", layer) for layer in self.hparams.layers]
 
-    def write(self, model, tokenizer, records, edited_outer: dict) -> list:
-        return list(self._edit(model, tokenizer, records, edited_outer))
+    def write(self, model, tokenizer, records, edited_outer: dict, earlier=()) -> list:
+        """The batch `records` (one sequential step); earlier: the run's edits so far (editor.carry=targets)."""
+        return list(self._edit(model, tokenizer, records, edited_outer, earlier))
 
-    def _edit(self, model, tokenizer, records, edited_outer):
+    def _edit(self, model, tokenizer, records, edited_outer, earlier=()):
         facts = [record.to_fact() for record in records]
         return memit.edit(model, tokenizer, facts, self.second_moments, self.hparams, edited_outer=edited_outer,
-                          trainer_kwargs=nested_trainer_kwargs(model))  # fmt: skip
+                          trainer_kwargs=nested_trainer_kwargs(model), earlier=earlier)  # fmt: skip
 
 
 def _digest(tensors) -> str:

@@ -157,7 +157,7 @@ def run_sequential(cfg, model, tokenizer, editor, records, control, out_dir: Pat
         _checkpoint(cfg, model, tokenizer, records[:done], control, unedited, originals, run, done, zsre)
     while done < len(records):
         step, started = records[done : done + size], time.perf_counter()
-        edits += editor.write(model, tokenizer, step, edited_outer)
+        edits += editor.write(model, tokenizer, step, edited_outer, earlier=edits)
         done += len(step)
         run.save(edits, edited_outer, done, base_fingerprint, str(cfg.model.name))
         log.info("%d of %d records edited (last step %.1fs)", done, len(records), time.perf_counter() - started)

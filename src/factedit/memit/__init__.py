@@ -19,14 +19,15 @@ __all__ = ["edit", "edit_batch", "memit_update", "null_space_update", "residual_
 
 
 def edit(model, tokenizer, facts, stats=None, hparams=None, *, batch_size: int | None = None,
-         edited_outer: dict | None = None, trainer_kwargs=None, trainer=None) -> Edits:  # fmt: skip
+         edited_outer: dict | None = None, trainer_kwargs=None, trainer=None, earlier=()) -> Edits:  # fmt: skip
     """Write `facts` with MEMIT, `batch_size` at a time (default: all in one batch), and apply them.
 
     stats: {layer: C}, a callable layer -> C, or None (the stats files of hparams.layers). hparams:
     overrides of the model's MEMIT options (MemitHparams). edited_outer: {layer: Σ k kᵀ} of keys edited
-    earlier in a run (preserve=null_space or edited keeps them; updated in place). trainer: a lightning.Trainer
-    of several processes (strategy ddp) fits each batch's v* spread over them. On an error the weights are
-    as they were; `revert_edits(model, edits.backup)` undoes the edits exactly.
+    earlier in a run (preserve=null_space or edited keeps them; updated in place). earlier: the run's MEMIT edits
+    made before this call (editor.carry=targets writes their facts again, with the batches of this call).
+    trainer: a lightning.Trainer of several processes (strategy ddp) fits each batch's v* spread over them.
+    On an error the weights are as they were; `revert_edits(model, edits.backup)` undoes the edits exactly.
     """
     facts = as_facts(facts)
     check_distinct(facts)
@@ -43,7 +44,7 @@ def edit(model, tokenizer, facts, stats=None, hparams=None, *, batch_size: int |
         for start in range(0, len(facts), size):
             chunk = facts[start : start + size]
             edits += edit_batch(model, tokenizer, chunk, second_moments, hp, edits.backup, edited_outer,
-                                trainer_kwargs, trainer)  # fmt: skip
+                                trainer_kwargs, trainer, earlier=[*earlier, *edits])  # fmt: skip
     except BaseException:
         revert_edits(model, edits.backup)
         raise

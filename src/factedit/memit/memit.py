@@ -9,6 +9,11 @@ then per layer l of `layers`, in order, each on the weights the layers before it
            (both read by memit/passes.py, each pass starting at the layer updated last)
   ΔW_l     memit/update.py        covariance-weighted least squares (preserve=edited: keeping the run's earlier
                                   edits too), or AlphaEdit's null-space update (preserve=null_space)
+
+carry=targets: the run's earlier facts join the reads, and at each layer their keys as the weights now give them
+(later batches' edits of the layers below move them) are written again to the value the layer gave them when
+they were written, rows of the same least squares as the batch's (residual: that value − W k_now). With
+carry=keys (AlphaEdit) the keys are carried as they were written, and only kept, not written again.
 """
 
 import logging
@@ -17,6 +22,7 @@ import time
 import torch
 
 from factedit.architectures import as_out_in, check_layer, get_module, module_name
+from factedit.errors import FacteditError
 from factedit.hooks import run_until
 from factedit.memit.passes import LayerPasses
 from factedit.memit.shard import sharded_targets
@@ -24,6 +30,7 @@ from factedit.memit.update import memit_update, null_space_update
 from factedit.rome.compute_value import compute_value
 from factedit.rome.context import context_templates
 from factedit.rome.edits import Edit, WeightBackup, apply_edits
+from factedit.rome.facts import Fact, as_facts
 from factedit.rome.fast import value_engine
 from factedit.rome.hparams import MemitHparams
 from factedit.rome.preserve import null_space_projector
@@ -33,12 +40,14 @@ log = logging.getLogger(__name__)
 
 
 def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, backup: WeightBackup,
-               edited_outer: dict | None = None, trainer_kwargs=None, trainer=None) -> list[Edit]:  # fmt: skip
+               edited_outer: dict | None = None, trainer_kwargs=None, trainer=None,
+               earlier=()) -> list[Edit]:  # fmt: skip
     """Write `facts` (one batch) with MEMIT and apply the edits (their weights' originals go to `backup`).
 
     second_moments: {layer: C}; edited_outer: {layer: Σ k kᵀ} of the keys written earlier in the run
-    (preserve=null_space), updated with this batch's; trainer: a Trainer of several processes shares
-    the v* fits out (memit/shard.py). Returns one Edit per layer, ΔW = V Uᵀ of rank ≤ F.
+    (preserve=null_space or edited with carry=keys), updated with this batch's; earlier: the run's earlier MEMIT
+    edits (carry=targets writes their facts again); trainer: a Trainer of several processes shares the v* fits
+    out (memit/shard.py). Returns one Edit per layer, ΔW = V Uᵀ of rank ≤ F (F + earlier facts with carry=targets).
     """
     layers, start = [check_layer(model, layer) for layer in hp.layers], time.perf_counter()
     templates = context_templates(model, tokenizer, hp.context_templates, seed=hp.seed)
@@ -52,12 +61,17 @@ def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, 
     else:
         targets, fits = fit_targets(model, tokenizer, facts, templates, hp, trainer_kwargs, batch)
     targets, fitted = targets.to(model.device), time.perf_counter()  # z: (F, d_model) float64
-    written = {"facts": [fact.to_dict() for fact in facts]}
-    edits, passes = [], LayerPasses(model, batch)  # each read starts at the layer updated last
+    written, n_facts = {"facts": [fact.to_dict() for fact in facts]}, len(facts)
+    again, values_of = earlier_targets(earlier, layers, facts) if hp.carry == "targets" else ([], {})
+    reads = value_batch(tokenizer, facts + again, templates, model.device) if again else batch
+    edits, passes = [], LayerPasses(model, reads)  # each read starts at the layer updated last
     for index, layer in enumerate(layers):
-        keys = passes.keys(layer)  # (F, d_mlp) on the weights as edited so far
-        carried = (edited_outer or {}).get(layer)  # Σ k kᵀ of the keys written earlier in the run
-        residuals = (targets - passes.residual_stream(layers[-1])) / (len(layers) - index)
+        keys = passes.keys(layer)  # (F [+ earlier facts], d_mlp) on the weights as edited so far
+        carried = (edited_outer or {}).get(layer) if hp.carry == "keys" else None  # Σ k kᵀ of the earlier keys
+        residuals = (targets - passes.residual_stream(layers[-1])[:n_facts]) / (len(layers) - index)
+        if again:  # the earlier facts' values at this layer as first written, against what their keys give now
+            weight = as_out_in(model, get_module(model, module_name(model, "rewrite", layer)).weight).double()
+            residuals = torch.cat([residuals, values_of[layer].to(keys) - keys[n_facts:] @ weight.T])
         if hp.preserve == "null_space":
             projector = null_space_projector(second_moments[layer], hp.null_space_threshold)
             u, v = null_space_update(projector, keys, residuals, carried, hp.null_space_l2, second_moments[layer],
@@ -66,16 +80,42 @@ def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, 
             kept = carried if hp.preserve == "edited" else None  # the run's earlier edits keep their values
             u, v = memit_update(second_moments[layer], keys, residuals, hp.mom2_update_weight, kept)
         info = {"layer_of": len(layers), "hparams": hp.to_dict(), "v_steps": [steps for steps, _ in fits],
-                "p_target": [p for _, p in fits]}  # fmt: skip
-        name = module_name(model, "rewrite", layer)
-        made = Edit(layer, name, u.cpu(), v.cpu(), written, info, key=keys.cpu(), written_keys=keys.cpu())
+                "p_target": [p for _, p in fits], "written_again": len(again)}  # fmt: skip
+        name, own = module_name(model, "rewrite", layer), keys[:n_facts].cpu()
+        made = Edit(layer, name, u.cpu(), v.cpu(), written, info, key=own, written_keys=keys.cpu())
         apply_edits(model, [made], backup)
-        made.target_value = _written_values(model, made).cpu()
+        made.target_value = _written_values(model, made).cpu()  # the batch's own: what carry=targets writes again
         edits.append(made)
-        if edited_outer is not None:  # final: a key at l reads only layers < l, all written by now
+        if edited_outer is not None and hp.carry == "keys":  # final: a key at l reads only layers < l, written by now
             edited_outer[layer] = keys.T @ keys + (0 if carried is None else carried)
     _log_batch(fits, edits, fitted - start, time.perf_counter() - fitted)
     return edits
+
+
+def earlier_targets(earlier, layers, facts) -> tuple[list[Fact], dict[int, torch.Tensor]]:
+    """The facts of a run's earlier MEMIT edits and, per layer of `layers`, the values each layer gave them when
+    they were written ({layer: (N, d_model)}, rows in the order of the facts). A fact written again later (the same
+    subject and prompt, in a later batch or in `facts`) keeps only its latest value."""
+    batches = []  # [(facts, {layer: values})]: a batch's edits come one per layer, in increasing layer order
+    for made in earlier:
+        if "facts" not in made.fact or made.target_value is None:
+            raise FacteditError("editor.carry=targets writes the run's earlier MEMIT edits again: the earlier edits "
+                                "here are not MEMIT batch edits (or lack their values): start a new run")  # fmt: skip
+        if not batches or made.layer in batches[-1][1] or made.fact["facts"] != batches[-1][0]:
+            batches.append((made.fact["facts"], {}))
+        batches[-1][1][made.layer] = made.target_value
+    seen, kept, values = {(fact.subject, fact.prompt) for fact in facts}, [], {layer: [] for layer in layers}
+    for batch_facts, per_layer in reversed(batches):  # newest first: a later write wins
+        if set(per_layer) != set(layers):
+            raise FacteditError(f"editor.carry=targets: an earlier batch was written into layers {sorted(per_layer)}, "
+                                f"this one into {list(layers)}: keep one layer range for the whole run")  # fmt: skip
+        batch_facts = as_facts(batch_facts)
+        rows = [i for i, fact in enumerate(batch_facts) if (fact.subject, fact.prompt) not in seen]
+        seen |= {(fact.subject, fact.prompt) for fact in batch_facts}
+        kept = [batch_facts[i] for i in rows] + kept
+        for layer in layers:
+            values[layer].insert(0, per_layer[layer].double()[rows])
+    return kept, {layer: torch.cat(parts) if parts else torch.zeros(0) for layer, parts in values.items()}
 
 
 def fit_targets(model, tokenizer, facts, templates, hp: MemitHparams, trainer_kwargs=None, batch=None):

@@ -21,12 +21,13 @@ UPDATES = ("fixed", "original", "two_keys")  # see update.py
 STOP_ON = ("nll", "loss")
 ROLES = ("rewrite", "attn_out", "layer")
 PRESERVE = ("none", "null_space", "edited")
+CARRY = ("keys", "targets")  # how MEMIT keeps a run's earlier edits (memit/memit.py)
 # How the v* steps run, not what they compute (the same numbers up to rounding): a saved evaluation
 # run resumes across changes of these; tf32 changes numbers on a GPU only.
 EXECUTION_ONLY = ("cuda_graph", "graph_cache", "fused_activations", "facts_per_fit", "narrow")
 # Options added after runs were saved, with the value at which they change nothing: a run's settings leave
 # them out at that value, so a saved run (its settings.json without them) still resumes and extends.
-NEUTRAL = {"null_space_cov_weight": 0.0}
+NEUTRAL = {"null_space_cov_weight": 0.0, "carry": "keys"}
 GPU_ONLY = ("tf32",)
 
 
@@ -101,10 +102,21 @@ class MemitHparams(ValueHparams):
     # v* of a batch fitted this many facts at a time (0: all at once): the same z up to rounding (the facts
     # never interact in the objective); fewer facts hold less memory, and each fit stops with its slowest fact.
     facts_per_fit: int = 0
+    # How preserve=null_space / edited keep the run's earlier edits: keys (AlphaEdit: Σ k kᵀ of their keys as they
+    # were written, kept unchanged) or targets (their keys read again on the current weights, and written again
+    # to the value each layer first gave them, in the same least squares as the batch)
+    carry: str = "keys"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.carry == "targets" and self.preserve == "none":
+            raise FacteditError("editor.carry=targets keeps a run's earlier edits: use it with editor.preserve="
+                                "null_space or editor.preserve=edited")  # fmt: skip
 
 
 KINDS = {"rome": RomeHparams, "memit": MemitHparams}
-_CHOICES = {"stop_on": STOP_ON, "update": UPDATES, "role": ROLES, "preserve": PRESERVE, "bf16": ("auto", True, False)}
+_CHOICES = {"stop_on": STOP_ON, "update": UPDATES, "role": ROLES, "preserve": PRESERVE, "carry": CARRY,
+            "bf16": ("auto", True, False)}  # fmt: skip
 _POSITIVE = ("v_num_grad_steps", "v_lr", "clamp_norm_factor", "null_space_threshold", "mom2_update_weight")
 _NON_NEGATIVE = ("layer", "v_weight_decay", "kl_factor", "loss_threshold", "graph_cache", "seed", "null_space_l2",
                  "facts_per_fit", "null_space_cov_weight")  # fmt: skip
