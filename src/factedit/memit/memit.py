@@ -68,7 +68,7 @@ def edit_batch(model, tokenizer, facts, second_moments: dict, hp: MemitHparams, 
     for index, layer in enumerate(layers):
         keys = passes.keys(layer)  # (F [+ earlier facts], d_mlp) on the weights as edited so far
         carried = (edited_outer or {}).get(layer) if hp.carry == "keys" else None  # Σ k kᵀ of the earlier keys
-        residuals = (targets - passes.residual_stream(layers[-1])[:n_facts]) / (len(layers) - index)
+        residuals = (targets - passes.residual_stream(layers[-1], n_facts)) / (len(layers) - index)  # the batch's
         if again:  # the earlier facts' values at this layer as first written, against what their keys give now
             weight = as_out_in(model, get_module(model, module_name(model, "rewrite", layer)).weight).double()
             residuals = torch.cat([residuals, values_of[layer].to(keys) - keys[n_facts:] @ weight.T])

@@ -51,10 +51,11 @@ class LayerPasses:
         return compute_key(per_fact)
 
     @torch.no_grad()
-    def residual_stream(self, layer: int) -> torch.Tensor:
+    def residual_stream(self, layer: int, n_facts: int | None = None) -> torch.Tensor:
         """h: the output of decoder layer `layer` at each fact's subject in its bare prompt, (F, d_model)
-        float64 (as memit.residual_stream); `layer` ≥ the last layer asked for keys."""
-        bare, name, outputs = self.batch.bare_rows, module_name(self.model, "layer", layer), []
+        float64 (as memit.residual_stream), of the first n_facts facts only when given; `layer` ≥ the last layer
+        asked for keys."""
+        bare, name, outputs = self.batch.bare_rows[:n_facts], module_name(self.model, "layer", layer), []
         for rows in self._row_chunks(len(bare)):
             output = self._run([name], bare[rows], retain_input=False)[name].output
             subject = self.batch.subject_pos[bare[rows]]
